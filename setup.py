@@ -1,0 +1,38 @@
+"""videomae-jax: VideoMAE pre-training in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# torch is pinned to the CPU build the reference tests run against; a looser
+# requirement would pull a multi-GB CUDA build on CPU-only machines.
+TORCH = ["torch==2.13.0", "transformers>=4.40", "safetensors"]
+DATA = [
+    "tensorflow-cpu",
+    "tensorflow-datasets",
+    "decord",
+    "av",
+    "opencv-python-headless",
+]
+TRAIN = ["orbax-checkpoint", "clu", "tensorboard", "pillow"]
+
+setup(
+    name="videomae-jax",
+    version="0.1.0",
+    description="VideoMAE masked video pre-training in JAX/Flax, numerically identical to the PyTorch reference",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["videomae_jax", "videomae_jax.*", "launch", "launch.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax",
+        "ml_collections",
+        "absl-py",
+        "numpy",
+    ],
+    extras_require={
+        "torch": TORCH,
+        "data": DATA,
+        "train": TRAIN,
+        "test": ["pytest", "pytest-timeout", "scikit-video"] + TORCH + DATA + TRAIN,
+    },
+)
