@@ -1,0 +1,220 @@
+"""Transformer building blocks shared by the VideoMAE encoder and decoder.
+
+Parameter names follow the official PyTorch modules (``qkv``, ``q_bias``, ``proj``, ``norm1``,
+``mlp.fc1`` ...) so that checkpoint conversion is a rename plus a transpose.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# PyTorch's default nn.Linear / nn.Conv3d weight init: kaiming_uniform(a=sqrt(5)), i.e.
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def torch_default_bias_init(fan_in: int) -> Callable:
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def trunc_normal_init(std: float) -> Callable:
+  """VideoMAE's ``trunc_normal_``: N(0, std) truncated at +-1 std, no variance correction."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.truncated_normal(key, -1.0, 1.0, shape, dtype) * std
+
+  return init
+
+
+def sincos_table(n_position: int, dim: int) -> np.ndarray:
+  """Fixed 1-D sinusoid table of the reference, (n_position, dim) float32.
+
+  angle[pos, j] = pos / 10000^(2*(j//2)/dim); even columns sin, odd columns cos (interleaved).
+  Computed in float64 like the reference, then rounded once.
+  """
+  pos = np.arange(n_position, dtype=np.float64)[:, None]
+  j = np.arange(dim)
+  angle = pos / np.power(10000.0, 2 * (j // 2) / dim)
+  table = np.empty_like(angle)
+  table[:, 0::2] = np.sin(angle[:, 0::2])
+  table[:, 1::2] = np.cos(angle[:, 1::2])
+  return table.astype(np.float32)
+
+
+def layer_norm(eps: float, name: str) -> nn.LayerNorm:
+  # Statistics in float32 whatever the compute dtype: bf16 variance is too coarse.
+  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
+
+class CubeEmbed(nn.Module):
+  """Tubelet embedding: a Conv3d with kernel = stride = (tubelet, p, p) over (B, T, H, W, C).
+
+  Computed as patchify + one matmul, which is the same arithmetic as the strided conv and maps
+  to a plain GEMM on every backend. The kernel keeps the conv layout (kt, p, p, C, D).
+  """
+
+  embed_dim: int
+  patch_size: int
+  tubelet_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, video: jax.Array) -> jax.Array:
+    b, t, h, w, c = video.shape
+    kt, p = self.tubelet_size, self.patch_size
+    fan_in = c * kt * p * p
+    kernel = self.param("kernel", torch_default_kernel_init, (kt, p, p, c, self.embed_dim),
+                        self.param_dtype)
+    bias = self.param("bias", torch_default_bias_init(fan_in), (self.embed_dim,), self.param_dtype)
+    x = video.reshape(b, t // kt, kt, h // p, p, w // p, p, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, fan_in)
+    x = jnp.dot(x.astype(self.dtype), kernel.reshape(fan_in, self.embed_dim).astype(self.dtype))
+    return x + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with q/v bias and no k bias, as in the reference.
+
+  One fused qkv projection (rows [q; k; v], head-major), then ``jax.nn.dot_product_attention``
+  so that GPUs/TPUs can pick fused kernels; softmax runs in float32.
+  """
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    if d % self.num_heads:
+      raise ValueError(f"embed dim {d} is not divisible by num_heads={self.num_heads}")
+    hd = d // self.num_heads
+    qkv = nn.Dense(3 * d, use_bias=False, kernel_init=xavier_uniform, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="qkv")(x)
+    q_bias = self.param("q_bias", nn.initializers.zeros, (d,), self.param_dtype)
+    v_bias = self.param("v_bias", nn.initializers.zeros, (d,), self.param_dtype)
+    bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(self.dtype)
+    qkv = (qkv + bias).reshape(b, n, 3, self.num_heads, hd)
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                       scale=hd**-0.5, implementation=self.implementation)
+    return nn.Dense(d, kernel_init=xavier_uniform, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="proj")(out.reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact (erf) GELU -> fc2."""
+
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    dense = lambda f, name: nn.Dense(f, kernel_init=xavier_uniform, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    x = dense(self.hidden_dim, "fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return dense(d, "fc2")(x)
+
+
+def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per sample (rate may be traced)."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with optional layer scale and drop path.
+
+  Returns ``(x, None)`` so that the same module runs under ``nn.scan``.
+  """
+
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  init_values: float = 0.0
+  use_drop_path: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, drop_rate: jax.Array | float, deterministic: bool):
+    d = x.shape[-1]
+
+    def residual(x, y, gamma_name):
+      if self.init_values > 0:
+        gamma = self.param(gamma_name, nn.initializers.constant(self.init_values), (d,),
+                           self.param_dtype)
+        y = y * gamma.astype(y.dtype)
+      if self.use_drop_path and not deterministic:
+        y = drop_path(y, drop_rate, self.make_rng("dropout"))
+      # The residual stream stays float32 while the branches compute in `dtype`.
+      return x + y.astype(x.dtype)
+
+    y = layer_norm(self.layer_norm_eps, "norm1")(x)
+    y = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl,
+                  name="attn")(y)
+    x = residual(x, y, "gamma_1")
+    y = layer_norm(self.layer_norm_eps, "norm2")(x)
+    y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
+    x = residual(x, y, "gamma_2")
+    return x, None
+
+
+class BlockStack(nn.Module):
+  """``depth`` blocks with drop-path rates linspace(0, rate, depth); remat and scan are knobs.
+
+  With ``scan`` the block parameters are stacked on a leading axis under ``blocks``; without it
+  they live under ``blocks_{i}``.
+  """
+
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  init_values: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    rates = np.linspace(0.0, self.drop_path_rate, self.depth).astype(np.float32)
+    block_cls = Block
+    if self.remat:
+      block_cls = nn.remat(Block, static_argnums=(3,),
+                           policy=getattr(jax.checkpoint_policies, self.remat_policy))
+    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_norm_eps=self.layer_norm_eps,
+              init_values=self.init_values, use_drop_path=self.drop_path_rate > 0,
+              dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+    if self.scan:
+      stack = nn.scan(block_cls, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast), length=self.depth)
+      x, _ = stack(name="blocks", **kw)(x, jnp.asarray(rates), deterministic)
+    else:
+      for i in range(self.depth):
+        x, _ = block_cls(name=f"blocks_{i}", **kw)(x, float(rates[i]), deterministic)
+    return x

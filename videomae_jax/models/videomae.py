@@ -1,0 +1,247 @@
+"""VideoMAE pre-training model and fine-tuning classifier (Flax Linen)."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from videomae_jax import masking as masking_lib
+from videomae_jax.models import layers
+
+Dtype = Any
+
+
+class _VideoViTFields(nn.Module):
+  """Fields shared by the pre-training model and the classifier (defaults: ViT-B/16, 16x224)."""
+
+  img_size: int | tuple[int, int] = 224
+  patch_size: int = 16
+  num_frames: int = 16
+  tubelet_size: int = 2
+  in_chans: int = 3
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  layer_norm_eps: float = 1e-6
+  init_values: float = 0.0
+  drop_path_rate: float = 0.0
+  # Compute dtype (e.g. "bfloat16"); parameters are kept in param_dtype.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan: bool = False
+  # Passed to jax.nn.dot_product_attention: None (backend default), "xla" or "cudnn".
+  attention_impl: str | None = None
+
+  @property
+  def image_hw(self) -> tuple[int, int]:
+    s = self.img_size
+    return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+  @property
+  def grid(self) -> tuple[int, int, int]:
+    """Token grid (T', H', W')."""
+    h, w = self.image_hw
+    return (self.num_frames // self.tubelet_size, h // self.patch_size, w // self.patch_size)
+
+  @property
+  def num_tokens(self) -> int:
+    t, h, w = self.grid
+    return t * h * w
+
+  @property
+  def patch_dim(self) -> int:
+    """Values a token reconstructs: in_chans * tubelet * p * p."""
+    return self.in_chans * self.tubelet_size * self.patch_size**2
+
+  def _check_fields(self):
+    h, w = self.image_hw
+    if h % self.patch_size or w % self.patch_size:
+      raise ValueError(f"img_size {self.img_size} is not divisible by patch_size "
+                       f"{self.patch_size}")
+    if self.num_frames % self.tubelet_size:
+      raise ValueError(f"num_frames {self.num_frames} is not divisible by tubelet_size "
+                       f"{self.tubelet_size}")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads "
+                       f"{self.num_heads}")
+
+  def _check_video(self, video: jax.Array):
+    expected = (self.num_frames, *self.image_hw, self.in_chans)
+    if video.ndim != 5 or tuple(video.shape[1:]) != expected:
+      raise ValueError(f"video must have shape (B, {', '.join(map(str, expected))}) "
+                       f"(B, T, H, W, C channels-last), got {tuple(video.shape)}")
+
+  def _encoder(self, use_final_norm: bool, name: str = "encoder") -> "Encoder":
+    return Encoder(
+        patch_size=self.patch_size, tubelet_size=self.tubelet_size, embed_dim=self.embed_dim,
+        depth=self.depth, num_heads=self.num_heads, mlp_dim=int(self.embed_dim * self.mlp_ratio),
+        layer_norm_eps=self.layer_norm_eps, init_values=self.init_values,
+        drop_path_rate=self.drop_path_rate, use_final_norm=use_final_norm,
+        dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype), remat=self.remat,
+        remat_policy=self.remat_policy, scan=self.scan, attention_impl=self.attention_impl,
+        name=name)
+
+
+class Encoder(nn.Module):
+  """Cube embedding + fixed sin/cos positions + transformer on the visible tokens only."""
+
+  patch_size: int
+  tubelet_size: int
+  embed_dim: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-6
+  init_values: float = 0.0
+  drop_path_rate: float = 0.0
+  use_final_norm: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan: bool = False
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, video: jax.Array, visible_idx: jax.Array | None = None, *,
+               deterministic: bool = True) -> jax.Array:
+    x = layers.CubeEmbed(self.embed_dim, self.patch_size, self.tubelet_size, self.dtype,
+                         self.param_dtype, name="patch_embed")(video)
+    # Positions are added before masked tokens are dropped, as in the reference.
+    x = x.astype(jnp.float32) + layers.sincos_table(x.shape[1], self.embed_dim)
+    if visible_idx is not None:
+      x = jnp.take_along_axis(x, visible_idx[..., None], axis=1)
+    x = layers.BlockStack(
+        depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+        layer_norm_eps=self.layer_norm_eps, init_values=self.init_values,
+        drop_path_rate=self.drop_path_rate, dtype=self.dtype, param_dtype=self.param_dtype,
+        attention_impl=self.attention_impl, remat=self.remat, remat_policy=self.remat_policy,
+        scan=self.scan, name="blocks")(x, deterministic)
+    if self.use_final_norm:
+      x = layers.layer_norm(self.layer_norm_eps, "norm")(x)
+    return x
+
+
+class Decoder(nn.Module):
+  """Lightweight decoder: blocks, then norm and head on the last ``num_return`` tokens."""
+
+  embed_dim: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  out_dim: int
+  layer_norm_eps: float = 1e-6
+  final_norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan: bool = False
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, num_return: int) -> jax.Array:
+    x = layers.BlockStack(
+        depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+        layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+        attention_impl=self.attention_impl, remat=self.remat, remat_policy=self.remat_policy,
+        scan=self.scan, name="blocks")(x, True)
+    x = x[:, -num_return:]
+    x = layers.layer_norm(self.final_norm_eps, "norm")(x)
+    return nn.Dense(self.out_dim, kernel_init=layers.xavier_uniform, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="head")(x)
+
+
+class VideoMAEPretrain(_VideoViTFields):
+  """VideoMAE masked autoencoder.
+
+  ``apply({'params': p}, video, mask)`` takes an ImageNet-normalised float video
+  (B, T, H, W, 3) and a mask (``masking.Mask`` or concrete bool (B, N), True = masked) and
+  returns float32 predictions (B, N_masked, 3*tubelet*p*p) in ascending masked-token order.
+  With ``decoder_mask`` (VideoMAE V2 dual masking) the predictions cover the decoder's kept
+  tokens instead.
+  """
+
+  decoder_embed_dim: int = 384
+  decoder_depth: int = 4
+  decoder_num_heads: int = 6
+  # The reference uses layer_norm_eps everywhere; HF transformers uses 1e-5 for the decoder's
+  # final norm. None = layer_norm_eps.
+  decoder_norm_eps: float | None = None
+
+  @nn.compact
+  def __call__(self, video: jax.Array, mask, decoder_mask: masking_lib.Mask | None = None, *,
+               train: bool = False) -> jax.Array:
+    self._check_fields()
+    self._check_video(video)
+    mask = masking_lib.mask_from_bool(mask)
+    if mask.num_tokens != self.num_tokens:
+      raise ValueError(f"mask has {mask.num_tokens} tokens per sample; the model's grid "
+                       f"{self.grid} has {self.num_tokens}")
+    if mask.masked.shape[0] != video.shape[0]:
+      raise ValueError(f"mask batch {mask.masked.shape[0]} != video batch {video.shape[0]}")
+    dtype = jnp.dtype(self.dtype)
+    d = self.decoder_embed_dim
+
+    x = self._encoder(use_final_norm=True)(video.astype(dtype), mask.visible_idx,
+                                           deterministic=not train)
+    x = nn.Dense(d, use_bias=False, kernel_init=layers.torch_default_kernel_init, dtype=dtype,
+                 param_dtype=self.param_dtype, name="encoder_to_decoder")(x)
+    mask_token = self.param("mask_token", layers.trunc_normal_init(0.02), (1, 1, d),
+                            self.param_dtype)
+
+    pos = jnp.asarray(layers.sincos_table(self.num_tokens, d))
+    if decoder_mask is None:
+      target_idx = mask.masked_idx
+    else:
+      if decoder_mask.num_tokens != self.num_tokens:
+        raise ValueError(f"decoder_mask has {decoder_mask.num_tokens} tokens, expected "
+                         f"{self.num_tokens}")
+      target_idx = decoder_mask.visible_idx
+    x_full = jnp.concatenate([
+        x.astype(jnp.float32) + pos[mask.visible_idx],
+        mask_token.astype(jnp.float32) + pos[target_idx],
+    ], axis=1)
+    pred = Decoder(
+        embed_dim=d, depth=self.decoder_depth, num_heads=self.decoder_num_heads,
+        mlp_dim=int(d * self.mlp_ratio), out_dim=self.patch_dim,
+        layer_norm_eps=self.layer_norm_eps,
+        final_norm_eps=(self.layer_norm_eps if self.decoder_norm_eps is None
+                        else self.decoder_norm_eps),
+        dtype=dtype, param_dtype=self.param_dtype, remat=self.remat,
+        remat_policy=self.remat_policy, scan=self.scan, attention_impl=self.attention_impl,
+        name="decoder")(x_full, target_idx.shape[1])
+    return pred.astype(jnp.float32)
+
+
+class VideoMAEClassifier(_VideoViTFields):
+  """Fine-tuning model: encoder on all tokens, mean pool, fc_norm, dropout, linear head.
+
+  ``apply({'params': p}, video, train=False)`` returns float32 logits (B, num_classes).
+  """
+
+  num_classes: int = 400
+  fc_drop_rate: float = 0.0
+  init_scale: float = 0.001
+
+  @nn.compact
+  def __call__(self, video: jax.Array, *, train: bool = False) -> jax.Array:
+    self._check_fields()
+    self._check_video(video)
+    dtype = jnp.dtype(self.dtype)
+    x = self._encoder(use_final_norm=False)(video.astype(dtype), None, deterministic=not train)
+    x = layers.layer_norm(self.layer_norm_eps, "fc_norm")(x.mean(axis=1))
+    x = nn.Dropout(self.fc_drop_rate)(x, deterministic=not train)
+    scale = self.init_scale
+
+    def head_init(key, shape, dtype=jnp.float32):
+      return layers.trunc_normal_init(0.02)(key, shape, dtype) * scale
+
+    logits = nn.Dense(self.num_classes, kernel_init=head_init, dtype=dtype,
+                      param_dtype=self.param_dtype, name="head")(x)
+    return logits.astype(jnp.float32)
