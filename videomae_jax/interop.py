@@ -395,17 +395,20 @@ def from_pytorch(state_dict_or_path, cfg, *, drop: Sequence[str] = (), init_para
 
   expected = _flatten(param_shapes(model.clone(scan=False)))
   converted = {}
-  unexpected = []
+  unexpected, mismatched = [], []
   for k, v in canon.items():
     path, arr = _canonical_to_flax(k, np.asarray(v, np.float32))
     if path not in expected:
       unexpected.append(k)
       continue
     if tuple(arr.shape) != tuple(expected[path].shape):
-      raise CheckpointError(f"{k}: shape {tuple(v.shape)} does not fit the model (expects "
-                            f"{tuple(expected[path].shape)} as {'/'.join(path)}); check the "
-                            "model size fields")
+      mismatched.append(f"{k}: shape {tuple(v.shape)} (the model expects "
+                        f"{tuple(expected[path].shape)} as {'/'.join(path)})")
+      continue
     converted[path] = arr
+  if mismatched:
+    raise CheckpointError("checkpoint tensors do not fit the model: " + "; ".join(mismatched)
+                          + ". Check the model size fields, or drop= them")
   if unexpected:
     raise CheckpointError(f"checkpoint keys the model does not have: {sorted(unexpected)}; pass "
                           "them in drop= to leave them out")

@@ -96,8 +96,8 @@ def tube_mask(rng: jax.Array, batch: int, grid: Grid, ratio: float) -> Mask:
 
   Exactly ``int(ratio * H'*W')`` tokens are masked per temporal slot, as in the reference.
   """
-  t, h, w = (int(g) for g in grid)
   n = _num_tokens(grid)
+  t, h, w = (int(g) for g in grid)
   if not 0.0 <= ratio < 1.0:
     raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
   per_frame = int(ratio * h * w)
@@ -121,8 +121,8 @@ def running_cell_maps(grid: Grid, ratio: float = 0.5) -> np.ndarray:
   A 2x2 cell holds ``int(4 * ratio)`` dropped positions in a queue that shifts by one position
   per temporal slot; the cell is tiled over (H'/2, W'/2). Map ``i`` starts the queue at ``i``.
   """
-  t, h, w = (int(g) for g in grid)
   _num_tokens(grid)
+  t, h, w = (int(g) for g in grid)
   if h % 2 or w % 2:
     raise ValueError(f"running-cell masks need an even spatial token grid, got {h}x{w}")
   num_drop = int(4 * ratio)
