@@ -1,0 +1,88 @@
+"""Reference multi-scale crop (GroupMultiScaleCrop), resize and flip on uint8 clips."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import cv2
+import numpy as np
+
+# Render single-threaded: the pipeline already runs one clip per worker thread.
+cv2.setNumThreads(1)
+
+
+class CropBox(NamedTuple):
+  """A crop in pixel coordinates of the stored video: offsets and size."""
+  x: int
+  y: int
+  w: int
+  h: int
+
+
+def fixed_offsets(image_w: int, image_h: int, crop_w: int, crop_h: int) -> list[tuple[int, int]]:
+  """The 13 fixed (x, y) offsets of the reference (`more_fix_crop=True`)."""
+  ws = (image_w - crop_w) // 4
+  hs = (image_h - crop_h) // 4
+  return [
+      (0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs),
+      (0, 2 * hs), (4 * ws, 2 * hs), (2 * ws, 4 * hs), (2 * ws, 0),
+      (1 * ws, 1 * hs), (3 * ws, 1 * hs), (1 * ws, 3 * hs), (3 * ws, 3 * hs),
+  ]
+
+
+def sample_crop_box(image_w: int, image_h: int, input_size: int, scales: Sequence[float],
+                    max_distort: int, rng: np.random.Generator) -> CropBox:
+  """One multi-scale crop, exactly the reference's choice set and snapping rule.
+
+  Crop sides are `int(short_side * scale)`, snapped to `input_size` when within
+  3 pixels of it; (w, h) pairs whose scale indices differ by at most
+  `max_distort`; then one of the 13 fixed offsets.
+  """
+  base = min(image_w, image_h)
+  sizes = [int(base * s) for s in scales]
+  sizes = [input_size if abs(s - input_size) < 3 else s for s in sizes]
+  pairs = [(w, h) for i, h in enumerate(sizes) for j, w in enumerate(sizes)
+           if abs(i - j) <= max_distort]
+  crop_w, crop_h = pairs[int(rng.integers(len(pairs)))]
+  offsets = fixed_offsets(image_w, image_h, crop_w, crop_h)
+  x, y = offsets[int(rng.integers(len(offsets)))]
+  return CropBox(x, y, crop_w, crop_h)
+
+
+def crop_resize(frames: np.ndarray, box: CropBox, stored_size: tuple[int, int],
+                input_size: int, flip: bool = False) -> np.ndarray:
+  """Applies one crop (given in stored-video pixels) to every frame of a clip.
+
+  `frames` (T, h, w, 3) uint8 may be decoded at a reduced resolution; the box is
+  scaled to it, so the crop covers the same part of the scene as on the stored
+  video. Shrinking uses area interpolation (close to PIL's antialiased bilinear
+  of the reference), enlarging bilinear.
+  """
+  stored_w, stored_h = stored_size
+  h, w = frames.shape[1:3]
+  sx, sy = w / stored_w, h / stored_h
+  x0, y0 = int(round(box.x * sx)), int(round(box.y * sy))
+  x1 = min(w, max(x0 + 1, int(round((box.x + box.w) * sx))))
+  y1 = min(h, max(y0 + 1, int(round((box.y + box.h) * sy))))
+  shrink = (x1 - x0) > input_size and (y1 - y0) > input_size
+  interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+  out = np.empty((frames.shape[0], input_size, input_size, 3), np.uint8)
+  for t in range(frames.shape[0]):
+    out[t] = cv2.resize(frames[t, y0:y1, x0:x1], (input_size, input_size), interpolation=interp)
+  if flip:
+    out = out[:, :, ::-1]
+  return out
+
+
+def decode_size(stored_w: int, stored_h: int, short_side: int) -> tuple[int, int] | None:
+  """(w, h) to decode at so the short side is `short_side`; None keeps the stored size.
+
+  Returns None unless that saves at least ~25% of the pixels: resizing in the
+  decoder is not free, and small savings do not pay for it.
+  """
+  if short_side <= 0 or min(stored_w, stored_h) * 0.87 <= short_side:
+    return None
+  scale = short_side / min(stored_w, stored_h)
+  # Even sizes: some scalers and chroma layouts require them.
+  w = max(2, int(round(stored_w * scale / 2)) * 2)
+  h = max(2, int(round(stored_h * scale / 2)) * 2)
+  return w, h

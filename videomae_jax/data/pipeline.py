@@ -1,0 +1,202 @@
+"""tf.data wiring: per-host sharding, parallel decode, batching, resume by step."""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import weakref
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from videomae_jax.data.clips import ClipDecoder
+from videomae_jax.data.sources import file_source_from_config
+from videomae_jax.data.stats import BadDataError, BadDataStats
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """How a global batch of clips maps to videos and hosts.
+
+  A global batch of `global_batch_size` clips holds `videos_per_batch` =
+  global_batch_size / num_sample decoded videos (examples). Host p holds the
+  contiguous block of examples [p * videos_per_host, (p + 1) * videos_per_host)
+  of each global batch, so concatenating the hosts' batches in process order
+  gives the global batch.
+  """
+  global_batch_size: int
+  num_sample: int
+  process_index: int
+  process_count: int
+
+  def __post_init__(self):
+    if self.global_batch_size % self.num_sample:
+      raise ValueError(f'global_batch_size={self.global_batch_size} (clips) is not divisible by '
+                       f'config.data.num_sample={self.num_sample}')
+    if self.videos_per_batch % self.process_count:
+      raise ValueError(
+          f'global_batch_size={self.global_batch_size} gives {self.videos_per_batch} videos per '
+          f'batch (num_sample={self.num_sample}), not divisible by process_count='
+          f'{self.process_count}')
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f'process_index={self.process_index} not in [0, {self.process_count})')
+
+  @property
+  def videos_per_batch(self) -> int:
+    return self.global_batch_size // self.num_sample
+
+  @property
+  def videos_per_host(self) -> int:
+    return self.videos_per_batch // self.process_count
+
+  @property
+  def local_batch_size(self) -> int:
+    return self.videos_per_host * self.num_sample
+
+  def global_example(self, local_i: int) -> int:
+    """Global example index of this host's `local_i`-th example."""
+    step, j = divmod(local_i, self.videos_per_host)
+    return step * self.videos_per_batch + self.process_index * self.videos_per_host + j
+
+
+_live_iterators: 'weakref.WeakSet[PretrainDataset]' = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+  # A process that exits while a tf.data iterator still has numpy_function calls
+  # in flight can hang forever; release every iterator before interpreter exit.
+  for ds in list(_live_iterators):
+    ds.close()
+
+
+class PretrainDataset:
+  """An endless iterable of host-local numpy batches.
+
+  Each batch: `video` uint8 (B_local, T, H, W, 3), `label` int32 (B_local,),
+  `index` int64 (row of the source, after replacement), `example` int64 (global
+  example index; the `num_sample` clips of one video share it). `stats` holds
+  the decode failures; call `close()` (or use as a context manager) when done.
+  """
+
+  def __init__(self, tf_dataset, layout: BatchLayout, stats: BadDataStats,
+               start_step: int):
+    self.tf_dataset = tf_dataset
+    self.layout = layout
+    self.stats = stats
+    self.start_step = start_step
+    self._iterator = None
+    _live_iterators.add(self)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self.close()
+    self._iterator = iter(self.tf_dataset)
+    it = self._iterator
+    while True:
+      try:
+        batch = next(it)
+      except tf.errors.OpError as e:
+        if self.stats.fatal:
+          raise BadDataError(self.stats.fatal) from None
+        raise RuntimeError(f'input pipeline failed: {e.message}') from None
+      except StopIteration:
+        return
+      yield {k: v._numpy() for k, v in batch.items()}  # pylint: disable=protected-access
+
+  def close(self) -> None:
+    """Releases the tf.data iterator (and its in-flight decodes)."""
+    self._iterator = None
+
+  def __enter__(self) -> 'PretrainDataset':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _tf_options(data_config):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  opts = tf.data.Options()
+  opts.deterministic = True
+  if data_config.get('num_threads', 0):
+    opts.threading.private_threadpool_size = int(data_config.num_threads)
+  return opts
+
+
+def batched_clip_dataset(load_fn: Callable[[int], dict[str, np.ndarray]] | None,
+                         layout: BatchLayout, data_config, start_step: int, predecoded=None):
+  """A tf.data pipeline calling `load_fn(global_example)` in parallel, batched per host.
+
+  Examples are this host's share of the endless stream from `start_step` on.
+  Alternatively `predecoded` is a dataset of per-example dicts (video
+  (S, T, H, W, 3), label, index, example) that only needs batching. The map is
+  deterministic, so batch contents do not depend on thread timing.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  c = data_config
+  s, t, size = c.num_sample, c.num_frames, c.input_size
+  keys = ('video', 'label', 'index', 'example')
+  dtypes = (tf.uint8, tf.int32, tf.int64, tf.int64)
+  shapes = ((s, t, size, size, 3), (s,), (s,), (s,))
+
+  def load(g):
+    out = load_fn(int(g))
+    return tuple(out[k] for k in keys)
+
+  def tf_load(g):
+    vals = tf.numpy_function(load, [g], dtypes, stateful=False)
+    return {k: tf.ensure_shape(v, sh) for k, v, sh in zip(keys, vals, shapes)}
+
+  if predecoded is None:
+    vph = layout.videos_per_host
+    examples = tf.data.Dataset.range(start_step * vph, np.iinfo(np.int64).max).map(
+        lambda i: (i // vph) * layout.videos_per_batch + layout.process_index * vph + i % vph)
+    npc = int(c.get('num_parallel_calls', -1))
+    ds = examples.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE if npc < 0 else npc,
+                      deterministic=True)
+  else:
+    ds = predecoded
+  ds = ds.batch(layout.videos_per_host, drop_remainder=True)
+  b = layout.local_batch_size
+  ds = ds.map(lambda d: {k: tf.reshape(v, (b,) + tuple(v.shape[2:])) for k, v in d.items()})
+  ds = ds.prefetch(int(c.get('prefetch', 2)))
+  return ds.with_options(_tf_options(c))
+
+
+def build_pretrain_dataset(data_config, *, global_batch_size: int, process_index: int = 0,
+                           process_count: int = 1, start_step: int = 0) -> PretrainDataset:
+  """The pre-training input pipeline for this host.
+
+  Args:
+    data_config: `config.data` (see `default_data_config()`).
+    global_batch_size: clips per global batch over all hosts. With
+      `num_sample` > 1 each decoded video yields `num_sample` clips, so a batch
+      holds global_batch_size / num_sample videos.
+    process_index: this host (`jax.process_index()`).
+    process_count: number of hosts (`jax.process_count()`).
+    start_step: first step to produce; batches equal those an uninterrupted run
+      produces at that step, and skipped steps are not decoded.
+
+  Returns:
+    An endless iterable of host-local batches of global_batch_size /
+    process_count clips (see `PretrainDataset`).
+  """
+  layout = BatchLayout(global_batch_size, int(data_config.num_sample), process_index,
+                       process_count)
+  if start_step < 0:
+    raise ValueError(f'start_step={start_step} < 0')
+  stats = BadDataStats()
+  if data_config.get('tfds_name'):
+    from videomae_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    ds = tfds_source.tfds_clip_dataset(data_config, layout, start_step, stats)
+  else:
+    decoder = ClipDecoder(file_source_from_config(data_config), data_config, stats)
+    ds = batched_clip_dataset(decoder.load_example, layout, data_config, start_step)
+  return PretrainDataset(ds, layout, stats, start_step)
+
+
+def describe(data_config) -> dict[str, Any]:
+  """The fields that define the stream of clips (for logging next to checkpoints)."""
+  keys = ('train_list', 'root', 'video_dir', 'tfds_name', 'tfds_split', 'num_frames',
+          'sampling_rate', 'input_size', 'scales', 'flip', 'num_sample', 'reader', 'seed')
+  return {k: data_config.get(k) for k in keys}
