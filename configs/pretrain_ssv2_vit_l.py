@@ -1,0 +1,10 @@
+r"""VideoMAE ViT-L pre-training on Something-Something V2, the reference recipe.
+
+  python -m launch.pretrain --config=configs/pretrain_ssv2_vit_l.py --workdir=/ckpt/ssv2_vit_l \
+      --config.data.train_list=/data/ssv2/train.csv --config.data.root=/data/ssv2/videos
+"""
+from videomae_jax.train.recipes import pretrain_recipe
+
+
+def get_config():
+  return pretrain_recipe("ssv2", "vit_large")

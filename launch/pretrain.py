@@ -1,0 +1,245 @@
+r"""VideoMAE pre-training.
+
+  python -m launch.pretrain --config=configs/pretrain_k400_vit_b.py --workdir=/ckpt/k400_b \
+      --config.batch_size=512 --config.model.dtype=bfloat16
+
+Phases: distributed init -> config check -> mesh -> data -> model/optimizer -> sharded init or
+restore -> jitted step -> loop (metrics, images, checkpoints, preemption). Re-running the same
+command resumes from the last checkpoint in --workdir with the same data order and masks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+# TensorFlow (the input pipeline) prints start-up notices at INFO from C++.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and images go here.")
+_COORD = flags.DEFINE_string("coordinator_address", None,
+                             "host:port of process 0, for multi-process runs outside TPU/SLURM.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+log = logging.getLogger("videomae_jax.train")
+
+
+def initialize_distributed() -> None:
+  """jax.distributed: from flags, from the environment (TPU pods, SLURM), or single-process."""
+  import jax
+  if _NPROC.value and _NPROC.value > 1:
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
+                               process_id=_PID.value)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1":
+    jax.distributed.initialize()
+
+
+def train(config, workdir: str) -> dict:
+  """Runs (or resumes) pre-training; returns the last logged metrics."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from videomae_jax import flops as flops_lib
+  from videomae_jax import masking
+  from videomae_jax.normalization import normalize
+  from videomae_jax.train import checkpointing, optim, sharding, step as step_lib
+  from videomae_jax.train import config as config_lib
+  from videomae_jax.train import metrics as metrics_lib
+  from videomae_jax.train.visualize import reconstruction_grid
+
+  # ---- config: every check before anything compiles -----------------------------------------
+  config_lib.validate(config, jax.device_count())
+  model = config_lib.build_model(config)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ---- mesh ----------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+  log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
+           jax.process_count())
+
+  # ---- checkpoints (first: the data position comes from them) --------------------------------
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    every_steps=config.checkpoint.every_steps,
+                                    keep=config.checkpoint.keep,
+                                    async_save=config.checkpoint.async_save)
+  start_step = ckpt.latest_step() or 0
+
+  # ---- data ----------------------------------------------------------------------------------
+  if config.data.get("synthetic", False):
+    from videomae_jax.train.synthetic import SyntheticVideos
+    data = SyntheticVideos(global_batch_size=config.batch_size, num_frames=model.num_frames,
+                           size=model.image_hw[0], seed=config.data.seed,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count(), start_step=start_step)
+    data_desc = {"synthetic": True, "seed": int(config.data.seed)}
+  else:
+    from videomae_jax.data import build_pretrain_dataset
+    from videomae_jax.data.pipeline import describe
+    data = build_pretrain_dataset(config.data, global_batch_size=config.batch_size,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count(), start_step=start_step)
+    data_desc = json.loads(json.dumps(describe(config.data), default=str))
+  videos_per_batch = config.batch_size // int(config.data.num_sample)
+  steps_per_epoch = int(config.steps_per_epoch) or max(data.stats.num_files // videos_per_batch, 1)
+  total_steps = int(config.total_steps) or int(config.num_epochs) * steps_per_epoch
+
+  # ---- model, optimizer, sharded init --------------------------------------------------------
+  tx, schedule = optim.make_optimizer(config, total_steps, steps_per_epoch)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+
+  def init_state():
+    video = jnp.zeros((1, model.num_frames, *model.image_hw, 3), jnp.float32)
+    mask = masking.tube_mask(init_rng, 1, model.grid, config.mask.ratio)
+    params = model.init(init_rng, video, mask)["params"]
+    return step_lib.init_state(params, tx)
+
+  abstract = jax.eval_shape(init_state)
+  state_sh = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  meta = {"seed": int(config.seed), "data": data_desc, "batch_size": int(config.batch_size)}
+  state, start_step = ckpt.restore_or_init(
+      lambda: jax.jit(init_state, out_shardings=state_sh)(),
+      checkpointing.abstract_with_shardings(abstract, state_sh), meta)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+  log.info("model %s: %.1fM params; %d steps (%d/epoch) of %d clips", config.model_name,
+           n_params / 1e6, total_steps, steps_per_epoch, config.batch_size)
+
+  # ---- the jitted step -----------------------------------------------------------------------
+  train_step = step_lib.make_train_step(model, tx, schedule, mask_cfg=config.mask,
+                                        norm_pix=config.norm_pix,
+                                        accum_steps=int(config.optim.accum_steps))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sh = {"video": sharding.batch_sharding(mesh)}
+  p_step = jax.jit(train_step, in_shardings=(state_sh, batch_sh, replicated),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
+
+  vis_mask = masking.tube_mask(jax.random.key(config.seed + 1), 1, model.grid, config.mask.ratio)
+
+  def reconstruct(params, video_u8):
+    clip = video_u8[:1]
+    pred = model.apply({"params": params}, normalize(clip, jnp.dtype(model.dtype)), vis_mask)
+    return clip, pred
+
+  reconstruct = jax.jit(reconstruct, out_shardings=(replicated, replicated))
+
+  # ---- loop ----------------------------------------------------------------------------------
+  writer = metrics_lib.MetricWriter(workdir)
+  timer = metrics_lib.StepTimer()
+  flops_per_clip = flops_lib.train_flops(
+      model, config.mask.ratio,
+      config.mask.decoder_ratio if config.mask.decoder_type == "run_cell" else None,
+      config.mask.type)
+  peak = metrics_lib.peak_flops_per_device(config.peak_flops_per_device)
+  ckpt.install_preemption_handler()
+  last: dict = {}
+  pending = []
+  vis_clip = None
+  stop_reason = None
+  step = start_step
+  it = iter(data)
+  try:
+    while step < total_steps:
+      t0 = time.perf_counter()
+      local = next(it)
+      timer.add_data_wait(time.perf_counter() - t0)
+      batch = sharding.global_batch({"video": local["video"]}, mesh)
+      if vis_clip is None:
+        vis_clip = batch["video"]
+      state, m = p_step(state, batch, train_rng)
+      step += 1
+      timer.tick()
+      pending.append(m)
+      # One step behind, so the host never waits for the step it just dispatched.
+      if len(pending) > 1:
+        prev = jax.device_get(pending[-2])
+        if prev["nonfinite_in_row"] >= config.max_nonfinite_in_row:
+          stop_reason = (f"stopping: {int(prev['nonfinite_in_row'])} non-finite steps in a row "
+                         f"(config.max_nonfinite_in_row={config.max_nonfinite_in_row}); the last "
+                         "good checkpoint is kept")
+          break
+
+      if step % config.log_every_steps == 0 or step == total_steps:
+        host = jax.device_get(pending)
+        pending = []
+        last = {k: float(v) for k, v in host[-1].items()}
+        last["loss_avg"] = float(np.mean([h["loss"] for h in host]))
+        t = timer.summary(config.batch_size)
+        timer.reset()
+        last.update(t)
+        last["epoch"] = step / steps_per_epoch
+        if peak:
+          last["mfu"] = t["clips_per_sec"] * flops_per_clip / (peak * jax.device_count())
+        s = data.stats.summary()
+        last["skipped_videos"] = s["num_bad_files"]
+        last["decode_failures"] = s["failures"]
+        writer.write_scalars(step, last)
+        if is_main:
+          extra = f" | skipped steps {int(last['nonfinite_total'])}" if last["nonfinite_total"] else ""
+          if s["num_bad_files"]:
+            extra += f" | bad videos {s['num_bad_files']}"
+          print(metrics_lib.progress_line(step, total_steps, last["loss"], t["clips_per_sec"],
+                                          last["lr"], t["data_wait_s"] / max(t["step_time_s"], 1e-9),
+                                          (total_steps - step) * t["step_time_s"], extra),
+                flush=True)
+
+      if config.vis_every_steps and (step % config.vis_every_steps == 0 or step == total_steps):
+        clip, pred = jax.device_get(reconstruct(state.params, vis_clip))
+        img = reconstruction_grid(np.asarray(clip[0]), np.asarray(pred[0]),
+                                  np.asarray(vis_mask.masked[0]), model.grid, model.tubelet_size,
+                                  model.patch_size, config.norm_pix)
+        writer.write_image(step, "reconstruction", img)
+
+      if ckpt.should_save(step):
+        ckpt.save(step, state, dict(meta, step=step))
+      if ckpt.reached_preemption(step):
+        stop_reason = f"preempted: saved step {step} and exiting"
+        ckpt.save(step, state, dict(meta, step=step), force=True)
+        break
+    else:
+      ckpt.save(step, state, dict(meta, step=step), force=True)
+  finally:
+    ckpt.close()
+    writer.close()
+    data.close()
+    del it
+  if stop_reason:
+    log.warning(stop_reason)
+    if is_main:
+      print(stop_reason, flush=True)
+    if stop_reason.startswith("stopping"):
+      raise SystemExit(stop_reason)
+  return last
+
+
+def main(argv):
+  del argv
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.INFO)
+  # orbax and jax log every save/compile step through absl at INFO; keep the console readable.
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  for name in ("videomae_jax", "videomae_jax.train", "videomae_jax.checkpoint"):
+    logging.getLogger(name).setLevel(logging.INFO)
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  initialize_distributed()
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Pre-training system: config, optimizer, sharding, train step, checkpoints, metrics."""

@@ -1,0 +1,86 @@
+"""Device mesh, parameter sharding rules and batch sharding."""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import flax.traverse_util
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallel too
+
+
+def make_mesh(data: int, fsdp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp') mesh; data=-1 takes the devices fsdp leaves."""
+  devices = list(devices if devices is not None else jax.devices())
+  if data == -1:
+    data = len(devices) // fsdp
+  if data * fsdp != len(devices):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover {len(devices)} devices")
+  try:
+    arr = jax.experimental.mesh_utils.create_device_mesh((data, fsdp), devices)
+  except Exception:  # noqa: BLE001 - odd topologies (e.g. forced CPU devices): plain order
+    arr = np.asarray(devices).reshape(data, fsdp)
+  return Mesh(arr, DATA_AXES)
+
+
+def _spec_for(path: str, shape: tuple[int, ...], rules, mesh: Mesh) -> P:
+  for pattern, spec in rules:
+    if not re.fullmatch(pattern, path):
+      continue
+    if spec == "replicate":
+      return P()
+    if spec == "fsdp":
+      n = mesh.shape["fsdp"]
+      if n == 1:
+        return P()
+      # Shard the largest axis that divides evenly; small leaves (biases) stay replicated.
+      for axis in np.argsort(shape)[::-1]:
+        if shape[axis] % n == 0 and shape[axis] >= n:
+          spec = [None] * len(shape)
+          spec[axis] = "fsdp"
+          return P(*spec)
+      return P()
+    spec = tuple(spec)
+    if len(spec) != len(shape):
+      raise ValueError(f"sharding rule {pattern!r} gives {spec} for {path} of shape {shape}")
+    return P(*spec)
+  return P()
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a params-shaped tree (optimizer states included) from the rule table."""
+  flat = flax.traverse_util.flatten_dict(abstract_params, sep="/")
+  out = {k: NamedSharding(mesh, _spec_for(k, tuple(v.shape), rules, mesh))
+         for k, v in flat.items()}
+  return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def tree_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
+  """Shardings for any pytree (e.g. a TrainState): leaves named by their key path."""
+
+  def one(path, leaf):
+    name = "/".join(_key_name(k) for k in path)
+    shape = tuple(getattr(leaf, "shape", ()))
+    return NamedSharding(mesh, _spec_for(name, shape, rules, mesh) if shape else P())
+
+  return jax.tree_util.tree_map_with_path(one, abstract_tree)
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXES))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Process-local numpy batches -> one global array per key, sharded over the data axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
