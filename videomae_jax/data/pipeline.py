@@ -84,28 +84,36 @@ class PretrainDataset:
     self.layout = layout
     self.stats = stats
     self.start_step = start_step
-    self._iterator = None
+    self._generators = weakref.WeakSet()
     _live_iterators.add(self)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    gen = self._generate()
+    self._generators.add(gen)
+    return gen
+
+  def _generate(self) -> Iterator[dict[str, np.ndarray]]:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    self.close()
-    self._iterator = iter(self.tf_dataset)
-    it = self._iterator
-    while True:
-      try:
-        batch = next(it)
-      except tf.errors.OpError as e:
-        if self.stats.fatal:
-          raise BadDataError(self.stats.fatal) from None
-        raise RuntimeError(f'input pipeline failed: {e.message}') from None
-      except StopIteration:
-        return
-      yield {k: v._numpy() for k, v in batch.items()}  # pylint: disable=protected-access
+    it = iter(self.tf_dataset)
+    try:
+      while True:
+        try:
+          batch = next(it)
+        except tf.errors.OpError as e:
+          if self.stats.fatal:
+            raise BadDataError(self.stats.fatal) from None
+          raise RuntimeError(f'input pipeline failed: {e.message}') from None
+        yield {k: v._numpy() for k, v in batch.items()}  # pylint: disable=protected-access
+    finally:
+      del it  # Releases the tf.data iterator and its in-flight decodes.
 
   def close(self) -> None:
-    """Releases the tf.data iterator (and its in-flight decodes)."""
-    self._iterator = None
+    """Stops every iterator of this dataset and releases its tf.data resources."""
+    for gen in list(self._generators):
+      try:
+        gen.close()
+      except ValueError:  # Running in another thread right now; it ends with that thread.
+        pass
 
   def __enter__(self) -> 'PretrainDataset':
     return self
