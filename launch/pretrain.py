@@ -37,8 +37,8 @@ def initialize_distributed() -> None:
   """jax.distributed: from flags, from the environment (TPU pods, SLURM), or single-process."""
   import jax
   if _NPROC.value and _NPROC.value > 1:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives for CPU devices; GPU/TPU backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
                                process_id=_PID.value)
   elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1":
@@ -115,6 +115,14 @@ def train(config, workdir: str) -> dict:
   state, start_step = ckpt.restore_or_init(
       lambda: jax.jit(init_state, out_shardings=state_sh)(),
       checkpointing.abstract_with_shardings(abstract, state_sh), meta)
+  if is_main:
+    # Where every parameter lives, for checking a sharding plan before a long run.
+    specs = {"/".join(str(getattr(k, "key", k)) for k in path): {
+        "spec": str(x.sharding.spec), "shape": list(x.shape),
+        "shard_shape": list(x.sharding.shard_shape(x.shape))}
+        for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    with open(os.path.join(workdir, "param_shardings.json"), "w") as f:
+      json.dump(specs, f, indent=1)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   log.info("model %s: %.1fM params; %d steps (%d/epoch) of %d clips", config.model_name,
            n_params / 1e6, total_steps, steps_per_epoch, config.batch_size)
@@ -148,6 +156,7 @@ def train(config, workdir: str) -> dict:
   ckpt.install_preemption_handler()
   last: dict = {}
   pending = []
+  prev_m = None
   vis_clip = None
   stop_reason = None
   step = start_step
@@ -164,14 +173,15 @@ def train(config, workdir: str) -> dict:
       step += 1
       timer.tick()
       pending.append(m)
-      # One step behind, so the host never waits for the step it just dispatched.
-      if len(pending) > 1:
-        prev = jax.device_get(pending[-2])
-        if prev["nonfinite_in_row"] >= config.max_nonfinite_in_row:
-          stop_reason = (f"stopping: {int(prev['nonfinite_in_row'])} non-finite steps in a row "
-                         f"(config.max_nonfinite_in_row={config.max_nonfinite_in_row}); the last "
-                         "good checkpoint is kept")
+      # Read the previous step's counter, so the host never waits for the step just dispatched.
+      if prev_m is not None:
+        in_row = int(jax.device_get(prev_m["nonfinite_in_row"]))
+        if in_row >= config.max_nonfinite_in_row:
+          stop_reason = (f"stopping: {in_row} non-finite steps in a row "
+                         f"(config.max_nonfinite_in_row={config.max_nonfinite_in_row}); skipped "
+                         "steps change nothing, and the last good checkpoint is kept")
           break
+      prev_m = m
 
       if step % config.log_every_steps == 0 or step == total_steps:
         host = jax.device_get(pending)
@@ -188,6 +198,8 @@ def train(config, workdir: str) -> dict:
         last["skipped_videos"] = s["num_bad_files"]
         last["decode_failures"] = s["failures"]
         writer.write_scalars(step, last)
+        if jax.process_count() > 1:
+          log.info("process %d: step %d loss %.8f", jax.process_index(), step, last["loss"])
         if is_main:
           extra = f" | skipped steps {int(last['nonfinite_total'])}" if last["nonfinite_total"] else ""
           if s["num_bad_files"]:

@@ -30,6 +30,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "meta"))
     self._preempted = threading.Event()
+    self._last_saved: int | None = None
     self._prev_handler = None
 
   # ---- preemption -------------------------------------------------------------------------
@@ -68,6 +69,11 @@ class Checkpointer:
     return step % self.every_steps == 0
 
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    """Saves ``state`` at ``step`` (asynchronously if configured); a step saved already, e.g.
+    a periodic save that falls on the final step, is not written twice."""
+    if step == self._last_saved or step in self.manager.all_steps():
+      return False
+    self._last_saved = step
     saved = self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)), force=force)

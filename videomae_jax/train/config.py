@@ -26,7 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
       img_size=224, patch_size=ml_collections.config_dict.placeholder(int),
       num_frames=16, tubelet_size=2, drop_path_rate=0.0, init_values=0.0,
       layer_norm_eps=1e-6, dtype="float32", remat=False, remat_policy="nothing_saveable",
-      scan=False, attention_impl=ml_collections.config_dict.placeholder(str)))
+      scan=False, attention_impl=ml_collections.config_dict.placeholder(str),
+      attention_remat="decoder",  # "none" | "decoder" | "all": recompute attention probs
+      ))
   # Size overrides on top of the preset (None = the preset's value).
   for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_embed_dim",
             "decoder_depth", "decoder_num_heads"):
