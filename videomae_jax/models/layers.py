@@ -86,17 +86,54 @@ class CubeEmbed(nn.Module):
     return x + bias.astype(self.dtype)
 
 
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
+def resolve_attention_impl(impl: str | None) -> str | None:
+  """``None`` picks per backend: the einsum path on the CPU (XLA:CPU runs its two batched
+  matmuls faster than the generic ``dot_product_attention`` lowering, and it can recompute the
+  probabilities in the backward pass), ``jax.nn.dot_product_attention``'s own choice elsewhere
+  (fused cuDNN/TPU kernels)."""
+  if impl is None:
+    return "einsum" if jax.default_backend() == "cpu" else None
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r}: use None, {', '.join(ATTENTION_IMPLS)}")
+  return impl
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+                     remat: bool = False) -> jax.Array:
+  """softmax(q k^T * scale) v over (B, N, heads, head_dim) inputs; softmax in float32.
+
+  With ``remat`` the (B, heads, N, N) logits and probabilities are not kept for the backward
+  pass but recomputed from q and k (one extra q k^T matmul): the decoder attends over all
+  tokens, and its probabilities would otherwise dominate the step's memory.
+  """
+
+  def core(q, k, v):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
+                        preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+  if remat:
+    core = jax.checkpoint(core, policy=jax.checkpoint_policies.nothing_saveable)
+  return core(q, k, v)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with q/v bias and no k bias, as in the reference.
 
-  One fused qkv projection (rows [q; k; v], head-major), then ``jax.nn.dot_product_attention``
-  so that GPUs/TPUs can pick fused kernels; softmax runs in float32.
+  One fused qkv projection (rows [q; k; v], head-major). ``implementation``: "einsum" (two
+  einsums, float32 softmax, optional recomputation of the probabilities), or "xla"/"cudnn"/None
+  for ``jax.nn.dot_product_attention`` so that GPUs/TPUs get fused kernels.
   """
 
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   implementation: str | None = None
+  remat_probs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -110,8 +147,12 @@ class Attention(nn.Module):
     v_bias = self.param("v_bias", nn.initializers.zeros, (d,), self.param_dtype)
     bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(self.dtype)
     qkv = (qkv + bias).reshape(b, n, 3, self.num_heads, hd)
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                       scale=hd**-0.5, implementation=self.implementation)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    impl = resolve_attention_impl(self.implementation)
+    if impl == "einsum":
+      out = einsum_attention(q, k, v, hd**-0.5, self.remat_probs)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, scale=hd**-0.5, implementation=impl)
     return nn.Dense(d, kernel_init=xavier_uniform, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="proj")(out.reshape(b, n, d))
 
@@ -154,6 +195,7 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  attention_remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, drop_rate: jax.Array | float, deterministic: bool):
@@ -171,7 +213,7 @@ class Block(nn.Module):
 
     y = layer_norm(self.layer_norm_eps, "norm1")(x)
     y = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl,
-                  name="attn")(y)
+                  self.attention_remat, name="attn")(y)
     x = residual(x, y, "gamma_1")
     y = layer_norm(self.layer_norm_eps, "norm2")(x)
     y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
@@ -195,6 +237,7 @@ class BlockStack(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  attention_remat: bool = False
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan: bool = False
@@ -208,7 +251,8 @@ class BlockStack(nn.Module):
                            policy=getattr(jax.checkpoint_policies, self.remat_policy))
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_norm_eps=self.layer_norm_eps,
               init_values=self.init_values, use_drop_path=self.drop_path_rate > 0,
-              dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+              dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+              attention_remat=self.attention_remat)
     if self.scan:
       stack = nn.scan(block_cls, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True},

@@ -34,8 +34,13 @@ class _VideoViTFields(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan: bool = False
-  # Passed to jax.nn.dot_product_attention: None (backend default), "xla" or "cudnn".
+  # None = per backend (layers.resolve_attention_impl: "einsum" on the CPU, fused kernels of
+  # jax.nn.dot_product_attention elsewhere), or "einsum", "xla", "cudnn".
   attention_impl: str | None = None
+  # Recompute attention probabilities in the backward pass of the einsum path: "none",
+  # "decoder" (the decoder attends over all N tokens; its B*heads*N^2 probabilities dominate
+  # the step's memory) or "all".
+  attention_remat: str = "decoder"
 
   @property
   def image_hw(self) -> tuple[int, int]:
@@ -69,6 +74,9 @@ class _VideoViTFields(nn.Module):
     if self.embed_dim % self.num_heads:
       raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads "
                        f"{self.num_heads}")
+    if self.attention_remat not in ("none", "decoder", "all"):
+      raise ValueError(f"attention_remat={self.attention_remat!r}: use 'none', 'decoder' or "
+                       "'all'")
 
   def _check_video(self, video: jax.Array):
     expected = (self.num_frames, *self.image_hw, self.in_chans)
@@ -84,7 +92,7 @@ class _VideoViTFields(nn.Module):
         drop_path_rate=self.drop_path_rate, use_final_norm=use_final_norm,
         dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype), remat=self.remat,
         remat_policy=self.remat_policy, scan=self.scan, attention_impl=self.attention_impl,
-        name=name)
+        attention_remat=self.attention_remat == "all", name=name)
 
 
 class Encoder(nn.Module):
@@ -106,6 +114,7 @@ class Encoder(nn.Module):
   remat_policy: str = "nothing_saveable"
   scan: bool = False
   attention_impl: str | None = None
+  attention_remat: bool = False
 
   @nn.compact
   def __call__(self, video: jax.Array, visible_idx: jax.Array | None = None, *,
@@ -120,8 +129,8 @@ class Encoder(nn.Module):
         depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         layer_norm_eps=self.layer_norm_eps, init_values=self.init_values,
         drop_path_rate=self.drop_path_rate, dtype=self.dtype, param_dtype=self.param_dtype,
-        attention_impl=self.attention_impl, remat=self.remat, remat_policy=self.remat_policy,
-        scan=self.scan, name="blocks")(x, deterministic)
+        attention_impl=self.attention_impl, attention_remat=self.attention_remat,
+        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, name="blocks")(x, deterministic)
     if self.use_final_norm:
       x = layers.layer_norm(self.layer_norm_eps, "norm")(x)
     return x
@@ -143,14 +152,15 @@ class Decoder(nn.Module):
   remat_policy: str = "nothing_saveable"
   scan: bool = False
   attention_impl: str | None = None
+  attention_remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, num_return: int) -> jax.Array:
     x = layers.BlockStack(
         depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-        attention_impl=self.attention_impl, remat=self.remat, remat_policy=self.remat_policy,
-        scan=self.scan, name="blocks")(x, True)
+        attention_impl=self.attention_impl, attention_remat=self.attention_remat,
+        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, name="blocks")(x, True)
     x = x[:, -num_return:]
     x = layers.layer_norm(self.final_norm_eps, "norm")(x)
     return nn.Dense(self.out_dim, kernel_init=layers.xavier_uniform, dtype=self.dtype,
@@ -215,6 +225,7 @@ class VideoMAEPretrain(_VideoViTFields):
                         else self.decoder_norm_eps),
         dtype=dtype, param_dtype=self.param_dtype, remat=self.remat,
         remat_policy=self.remat_policy, scan=self.scan, attention_impl=self.attention_impl,
+        attention_remat=self.attention_remat in ("decoder", "all"),
         name="decoder")(x_full, target_idx.shape[1])
     return pred.astype(jnp.float32)
 
