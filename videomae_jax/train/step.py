@@ -78,7 +78,7 @@ def make_train_step(model: VideoMAEPretrain, tx: optax.GradientTransformation,
       loss = loss / accum_steps
       grads = jax.tree.map(lambda g: g / accum_steps, grads)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -95,7 +95,7 @@ def make_train_step(model: VideoMAEPretrain, tx: optax.GradientTransformation,
         "loss": loss,
         "grad_norm": grad_norm,
         "lr": schedule(applied),
-        "param_norm": optax.global_norm(state.params),
+        "param_norm": optax.tree.norm(state.params),
         "skipped": (~finite).astype(jnp.int32),
         "nonfinite_in_row": new_state.nonfinite_in_row,
         "nonfinite_total": new_state.nonfinite_total,
