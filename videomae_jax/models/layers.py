@@ -101,24 +101,35 @@ def resolve_attention_impl(impl: str | None) -> str | None:
   return impl
 
 
+def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
+                      preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
-                     remat: bool = False) -> jax.Array:
+                     remat: bool = False, chunk: int = 512) -> jax.Array:
   """softmax(q k^T * scale) v over (B, N, heads, head_dim) inputs; softmax in float32.
 
-  With ``remat`` the (B, heads, N, N) logits and probabilities are not kept for the backward
-  pass but recomputed from q and k (one extra q k^T matmul): the decoder attends over all
-  tokens, and its probabilities would otherwise dominate the step's memory.
+  With ``remat`` the (B, heads, N, N) probabilities are never kept for the backward pass: the
+  queries run in chunks of ``chunk`` under ``lax.map`` with a checkpointed body, so the backward
+  loop recomputes one chunk's probabilities at a time (one extra q k^T matmul). A loop is what
+  bounds the memory on every backend: a plain ``jax.checkpoint`` leaves XLA free to schedule
+  (or CSE) the recomputation next to the forward pass, which XLA:CPU does.
   """
-
-  def core(q, k, v):
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
-                        preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-
-  if remat:
-    core = jax.checkpoint(core, policy=jax.checkpoint_policies.nothing_saveable)
-  return core(q, k, v)
+  if not remat:
+    return _attention_core(q, k, v, scale)
+  b, n, h, d = q.shape
+  num = -(-n // chunk)
+  size = -(-n // num)  # balanced chunks; padded query rows are sliced off again
+  pad = num * size - n
+  qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q
+  qc = qc.reshape(b, num, size, h, d).swapaxes(0, 1)
+  body = jax.checkpoint(lambda qi: _attention_core(qi, k, v, scale),
+                        policy=jax.checkpoint_policies.nothing_saveable)
+  out = jax.lax.map(body, qc).swapaxes(0, 1).reshape(b, num * size, h, d)
+  return out[:, :n] if pad else out
 
 
 class Attention(nn.Module):
@@ -157,6 +168,31 @@ class Attention(nn.Module):
                     param_dtype=self.param_dtype, name="proj")(out.reshape(b, n, d))
 
 
+@jax.custom_vjp
+def gelu_erf(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU that keeps only its input for the backward pass.
+
+  The derivative Phi(x) + x*phi(x) is written with erfc and exp, not the forward's erf, so
+  that XLA neither keeps forward intermediates alive until the backward pass nor merges the
+  two (it otherwise stores several erf/exp buffers of the MLP's widest activation).
+  """
+  return nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+  return gelu_erf(x), x
+
+
+def _gelu_bwd(x, g):
+  xf = x.astype(jnp.float32)
+  cdf = 0.5 * jax.lax.erfc(xf * -np.float32(1 / np.sqrt(2)))
+  pdf = jnp.exp(-0.5 * xf * xf) * np.float32(1 / np.sqrt(2 * np.pi))
+  return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype),)
+
+
+gelu_erf.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 class Mlp(nn.Module):
   """fc1 -> exact (erf) GELU -> fc2."""
 
@@ -170,7 +206,7 @@ class Mlp(nn.Module):
     dense = lambda f, name: nn.Dense(f, kernel_init=xavier_uniform, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     x = dense(self.hidden_dim, "fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = gelu_erf(x)
     return dense(d, "fc2")(x)
 
 
