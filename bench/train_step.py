@@ -42,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from videomae_jax import flops as flops_lib  # noqa: E402
+from videomae_jax.models import layers  # noqa: E402
 from videomae_jax.train import config as config_lib  # noqa: E402
 from videomae_jax.train import optim, step as step_lib  # noqa: E402
 
@@ -65,10 +66,10 @@ def _parse_value(v: str) -> Any:
       return cast(v)
     except ValueError:
       pass
-  return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+  return {"true": True, "false": False, "null": None}.get(v.lower(), v)
 
 
-def make_config(args, case: Case, decoder_masking: str = "none"):
+def make_config(args, case: Case, decoder_masking: str = "none", variant: str = ""):
   """The trainer's config for one case: base recipe + size, input, mask and perf knobs."""
   c = config_lib.base_config()
   c.model_name = case.size
@@ -79,7 +80,7 @@ def make_config(args, case: Case, decoder_masking: str = "none"):
   c.model.scan = args.scan
   if args.attention_impl:
     c.model.attention_impl = args.attention_impl
-  for kv in filter(None, (args.model_override or "").split(",")):
+  for kv in filter(None, ",".join([args.model_override or "", variant]).split(",")):
     k, v = kv.split("=")
     c.model[k] = _parse_value(v)
   c.mask.ratio = args.mask_ratio
@@ -222,38 +223,64 @@ def _rss_kib(field: str) -> int:
   raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def torch_peak_bytes(side: TorchSide) -> int:
+def peak_bytes_rss(side, state_bytes: int) -> int:
   """State + the resident-set high-water mark above the state over one step.
 
   glibc is told to serve every block of 256 KiB or more with its own mmap and to give freed
-  memory back at once, so resident memory follows the live tensors; VmHWM is reset just before
-  the step. Run in a fresh process: the allocator setting would slow later timed steps.
+  memory back at once, so that resident memory follows the live buffers; VmHWM is reset just
+  before the step. Run in a fresh process: the allocator setting would slow later timed steps.
   """
   import ctypes
   libc = ctypes.CDLL("libc.so.6")
   libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
   libc.mallopt(_M_TRIM_THRESHOLD, 0)
-  side.step()  # first step: optimizer state appears
   side.step()
+  side.step()
+  if hasattr(side, "opt"):
+    side.opt.zero_grad(set_to_none=True)  # the step's own gradients count as its memory
   libc.malloc_trim(0)
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM to the current RSS
   base = _rss_kib("VmRSS")
   side.step()
-  return side.state_bytes() + (_rss_kib("VmHWM") - base) * 1024
+  return state_bytes + (_rss_kib("VmHWM") - base) * 1024
 
 
-def hf_memory_in_child(args, case: Case) -> float:
-  """Runs ``torch_peak_bytes`` for one case in a fresh interpreter; returns MiB."""
+def memory_in_child(args, case: Case, framework: str, variant: str = "",
+                    decoder_masking: str = "none") -> float:
+  """Runs ``peak_bytes_rss`` for one side in a fresh interpreter; returns MiB."""
   import subprocess
-  cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--sizes", case.size,
-         "--batches", str(case.batch), "--frames", str(args.frames), "--img-size",
+  cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", framework, "--sizes",
+         case.size, "--batches", str(case.batch), "--frames", str(args.frames), "--img-size",
          str(args.img_size), "--mask-ratio", str(args.mask_ratio), "--threads", str(args.threads),
-         "--model-override", args.model_override or ""]
+         "--model-override", ",".join(filter(None, [args.model_override, variant])),
+         "--decoder-masking", decoder_masking, "--dtype", args.dtype]
+  if args.attention_impl:
+    cmd += ["--attention-impl", args.attention_impl]
+  if args.remat:
+    cmd += ["--remat"]
+  if args.scan:
+    cmd += ["--scan"]
   if args.hf_autocast:
     cmd += ["--hf-autocast", args.hf_autocast]
   out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
   return float(out.strip().splitlines()[-1])
+
+
+def memory_child(args) -> None:
+  case = Case(args.sizes, int(args.batches))
+  video = np.random.default_rng(0).integers(
+      0, 256, (case.batch, args.frames, args.img_size, args.img_size, 3), dtype=np.uint8)
+  config = make_config(args, case, args.decoder_masking)
+  if args.memory_child == "hf":
+    fields = {**config_lib.model_fields(config), "num_frames": args.frames,
+              "img_size": args.img_size}
+    side = TorchSide(fields, config, video, args.threads, args.hf_autocast)
+    state = side.state_bytes()
+  else:
+    side = JaxSide(config, video)
+    state = sum(x.nbytes for x in jax.tree.leaves(side.state))
+  print(peak_bytes_rss(side, state) / 2**20)
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -264,37 +291,47 @@ def timed(fn: Callable[[], float]) -> float:
   return time.perf_counter() - t0
 
 
-def run_case(args, case: Case, decoder_maskings: list[str]) -> dict[str, Any]:
-  """Times HF and one JAX step per decoder-masking mode, all alternating in one loop."""
+def run_case(args, case: Case) -> dict[str, Any]:
+  """Times HF and one JAX step per (variant, decoder masking), all alternating in one loop."""
   rng = np.random.default_rng(0)
   video = rng.integers(0, 256, (case.batch, args.frames, args.img_size, args.img_size, 3),
                        dtype=np.uint8)
+  dms = ["none", "run_cell"] if args.decoder_masking == "both" else [args.decoder_masking]
+  variants = [v.strip() for v in args.variants.split(";")] if args.variants else [""]
   sides: dict[str, Any] = {}
   res: dict[str, Any] = dict(size=case.size, batch=case.batch, frames=args.frames,
-                             img_size=args.img_size, mask_ratio=args.mask_ratio, dtype=args.dtype)
-  for dm in decoder_maskings:
-    config = make_config(args, case, dm)
-    model = config_lib.build_model(config)
-    dec_ratio = config.mask.decoder_ratio if dm == "run_cell" else None
-    jx = JaxSide(config, video)
-    sides[dm] = jx
-    res[dm] = dict(attention_impl=str(model.attention_impl), params=jx.param_count,
-                   train_gflop_per_clip=flops_lib.train_flops(
-                       model, config.mask.ratio, dec_ratio, config.mask.type) / 1e9,
-                   xla_gflop_per_clip=jx.xla_flops() / case.batch / 1e9,
-                   compile_s=jx.compile_s)
+                             img_size=args.img_size, mask_ratio=args.mask_ratio, jax={})
+  for variant in variants:
+    for dm in dms:
+      config = make_config(args, case, dm, variant)
+      model = config_lib.build_model(config)
+      dec_ratio = config.mask.decoder_ratio if dm == "run_cell" else None
+      jx = JaxSide(config, video)
+      label = f"{variant}|{dm}" if variant else dm
+      sides[label] = jx
+      res["jax"][label] = dict(
+          variant=variant, decoder_masking=dm, dtype=config.model.dtype,
+          attention_impl=str(layers.resolve_attention_impl(model.attention_impl)),
+          attention_remat=model.attention_remat, params=jx.param_count,
+          train_gflop_per_clip=flops_lib.train_flops(
+              model, config.mask.ratio, dec_ratio, config.mask.type) / 1e9,
+          train_gflop_per_clip_with_recompute=flops_lib.train_flops(
+              model, config.mask.ratio, dec_ratio, config.mask.type, recompute=True) / 1e9,
+          xla_gflop_per_clip=jx.xla_flops() / case.batch / 1e9, compile_s=jx.compile_s,
+          xla_peak_mib=(jx.peak_bytes() or float("nan")) / 2**20)
   if not args.no_hf:
     config = make_config(args, case)
     fields = {**config_lib.model_fields(config), "num_frames": args.frames,
               "img_size": args.img_size}
     hf = TorchSide(fields, config, video, args.threads, args.hf_autocast)
-    if hf.param_count != sides[decoder_maskings[0]].param_count:
+    first = next(iter(sides.values()))
+    if hf.param_count != first.param_count:
       raise RuntimeError(f"parameter counts differ: HF {hf.param_count}, JAX "
-                         f"{sides[decoder_maskings[0]].param_count}")
+                         f"{first.param_count}")
     sides["hf"] = hf
-    res["hf"] = dict(train_gflop_per_clip=res[decoder_maskings[0]]["train_gflop_per_clip"]
-                     if decoder_maskings[0] == "none" else flops_lib.train_flops(
-                         config_lib.build_model(config), config.mask.ratio) / 1e9)
+    res["hf"] = dict(train_gflop_per_clip=flops_lib.train_flops(
+        config_lib.build_model(config), config.mask.ratio, None, config.mask.type) / 1e9,
+                     autocast=args.hf_autocast)
   for _ in range(args.warmup):
     for s in sides.values():
       s.step()
@@ -302,40 +339,42 @@ def run_case(args, case: Case, decoder_maskings: list[str]) -> dict[str, Any]:
   for _ in range(args.steps):
     for k, s in sides.items():  # alternate so that machine drift cancels in the ratios
       times[k].append(timed(s.step))
-  for k, s in sides.items():
+  for k in sides:
     med = statistics.median(times[k])
-    r = res[k]
-    r.update(step_s=med, step_s_all=times[k], clips_s=case.batch / med,
-             gflops=case.batch * r["train_gflop_per_clip"] / med)
-    if k != "hf":
-      r["peak_mib"] = (s.peak_bytes() or float("nan")) / 2**20
-  sides.clear()  # free both states before the memory child starts
+    r = res["hf"] if k == "hf" else res["jax"][k]
+    r.update(step_s=med, step_s_all=[round(t, 4) for t in times[k]],
+             clips_s=case.batch / med, gflops=case.batch * r["train_gflop_per_clip"] / med)
   if "hf" in res:
-    res["hf"]["peak_mib"] = hf_memory_in_child(args, case)
-  if "hf" in res:
-    for dm in decoder_maskings:
-      res[dm]["ratio"] = res[dm]["clips_s"] / res["hf"]["clips_s"]
+    for r in res["jax"].values():
+      r["ratio"] = r["clips_s"] / res["hf"]["clips_s"]
+  sides.clear()  # free every state before the memory children start
+  if args.memory:
+    for label, r in res["jax"].items():
+      # XLA's buffer assignment is what the step holds (one preallocated slab for the
+      # temporaries); --jax-rss measures the resident set instead, as for PyTorch.
+      r["peak_mib"] = (memory_in_child(args, case, "jax", r["variant"], r["decoder_masking"])
+                       if args.jax_rss else r["xla_peak_mib"])
+    if "hf" in res:
+      res["hf"]["peak_mib"] = memory_in_child(args, case, "hf")
   return res
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
   hf = any("hf" in r for r in rows)
-  head = ["size", "batch", "dec mask", "GFLOP/clip", "jax clips/s", "jax GFLOP/s", "jax MiB"]
+  head = ["size", "batch", "jax variant", "GFLOP/clip", "jax clips/s", "jax GFLOP/s",
+          "jax peak MiB"]
   if hf:
-    head += ["hf clips/s", "hf GFLOP/s", "hf MiB", "ratio"]
+    head += ["hf clips/s", "hf GFLOP/s", "hf peak MiB", "jax/hf"]
   print("| " + " | ".join(head) + " |")
   print("|" + "---|" * len(head))
   for r in rows:
-    for dm in ("none", "run_cell"):
-      if dm not in r:
-        continue
-      j = r[dm]
-      cells = [r["size"], str(r["batch"]), dm, f"{j['train_gflop_per_clip']:.1f}",
-               f"{j['clips_s']:.3f}", f"{j['gflops']:.1f}", f"{j['peak_mib']:.0f}"]
+    for label, j in r["jax"].items():
+      cells = [r["size"], str(r["batch"]), label, f"{j['train_gflop_per_clip']:.1f}",
+               f"{j['clips_s']:.3f}", f"{j['gflops']:.1f}", f"{j.get('peak_mib', float('nan')):.0f}"]
       if hf:
         h = r["hf"]
-        cells += [f"{h['clips_s']:.3f}", f"{h['gflops']:.1f}", f"{h['peak_mib']:.0f}",
-                  f"{j['ratio']:.2f}x"]
+        cells += [f"{h['clips_s']:.3f}", f"{h['gflops']:.1f}",
+                  f"{h.get('peak_mib', float('nan')):.0f}", f"{j['ratio']:.2f}x"]
       print("| " + " | ".join(cells) + " |")
 
 
@@ -363,30 +402,30 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--threads", type=int, default=num_cores())
   p.add_argument("--json", default=None, help="also write the rows here")
-  p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--variants", default="",
+                 help="';'-separated config.model overrides timed side by side, e.g. "
+                      "'attention_impl=xla;attention_impl=einsum'")
+  p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                 help="measure peak memory (one fresh process per side)")
+  p.add_argument("--jax-rss", action="store_true",
+                 help="measure JAX peak memory as resident set too (a fresh process per side)")
+  p.add_argument("--memory-child", choices=["jax", "hf"], help=argparse.SUPPRESS)
   return p.parse_args(argv)
+
 
 
 def main(argv=None) -> list[dict[str, Any]]:
   args = parse_args(argv)
   if args.memory_child:
-    case = Case(args.sizes, int(args.batches))
-    config = make_config(args, case)
-    fields = {**config_lib.model_fields(config), "num_frames": args.frames,
-              "img_size": args.img_size}
-    video = np.random.default_rng(0).integers(
-        0, 256, (case.batch, args.frames, args.img_size, args.img_size, 3), dtype=np.uint8)
-    side = TorchSide(fields, config, video, args.threads, args.hf_autocast)
-    print(torch_peak_bytes(side) / 2**20)
+    memory_child(args)
     return []
-  dms = ["none", "run_cell"] if args.decoder_masking == "both" else [args.decoder_masking]
   print(f"jax {jax.__version__} ({jax.default_backend()}), {args.threads} threads, "
         f"{args.frames}x{args.img_size}x{args.img_size}, mask {args.mask_ratio}, "
         f"dtype {args.dtype}, load avg {os.getloadavg()[0]:.2f}", flush=True)
   rows = []
   for size in args.sizes.split(","):
     for batch in (int(b) for b in args.batches.split(",")):
-      r = run_case(args, Case(size, batch), dms)
+      r = run_case(args, Case(size, batch))
       print(json.dumps(r), flush=True)
       rows.append(r)
   print(f"load avg at end {os.getloadavg()[0]:.2f}")
