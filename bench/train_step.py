@@ -223,7 +223,7 @@ def _rss_kib(field: str) -> int:
   raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_bytes_rss(side, state_bytes: int) -> int:
+def peak_bytes_rss(side, state_bytes: Callable[[], int]) -> int:
   """State + the resident-set high-water mark above the state over one step.
 
   glibc is told to serve every block of 256 KiB or more with its own mmap and to give freed
@@ -243,7 +243,8 @@ def peak_bytes_rss(side, state_bytes: int) -> int:
     f.write("5")  # resets VmHWM to the current RSS
   base = _rss_kib("VmRSS")
   side.step()
-  return state_bytes + (_rss_kib("VmHWM") - base) * 1024
+  # The state is counted after the steps: AdamW moments appear at the first one.
+  return state_bytes() + (_rss_kib("VmHWM") - base) * 1024
 
 
 def memory_in_child(args, case: Case, framework: str, variant: str = "",
@@ -276,10 +277,10 @@ def memory_child(args) -> None:
     fields = {**config_lib.model_fields(config), "num_frames": args.frames,
               "img_size": args.img_size}
     side = TorchSide(fields, config, video, args.threads, args.hf_autocast)
-    state = side.state_bytes()
+    state = side.state_bytes
   else:
     side = JaxSide(config, video)
-    state = sum(x.nbytes for x in jax.tree.leaves(side.state))
+    state = lambda: sum(x.nbytes for x in jax.tree.leaves(side.state))
   print(peak_bytes_rss(side, state) / 2**20)
 
 
