@@ -120,11 +120,13 @@ class Encoder(nn.Module):
   def __call__(self, video: jax.Array, visible_idx: jax.Array | None = None, *,
                deterministic: bool = True) -> jax.Array:
     x = layers.CubeEmbed(self.embed_dim, self.patch_size, self.tubelet_size, self.dtype,
-                         self.param_dtype, name="patch_embed")(video)
-    # Positions are added before masked tokens are dropped, as in the reference.
-    x = x.astype(jnp.float32) + layers.sincos_table(x.shape[1], self.embed_dim)
-    if visible_idx is not None:
-      x = jnp.take_along_axis(x, visible_idx[..., None], axis=1)
+                         self.param_dtype, name="patch_embed")(video, visible_idx)
+    # Each token gets its own position, as when the reference adds the table before dropping
+    # masked tokens; only the visible ones are ever embedded.
+    t, h, w = (video.shape[1] // self.tubelet_size, video.shape[2] // self.patch_size,
+               video.shape[3] // self.patch_size)
+    pos = jnp.asarray(layers.sincos_table(t * h * w, self.embed_dim))
+    x = x.astype(jnp.float32) + (pos if visible_idx is None else pos[visible_idx])
     x = layers.BlockStack(
         depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         layer_norm_eps=self.layer_norm_eps, init_values=self.init_values,
