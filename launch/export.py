@@ -90,20 +90,16 @@ def export(workdir: str, out: str, *, step: int | None = None, encoder_only: boo
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(path, params, force=True)
     written["orbax"] = path
-  full = interop.to_pytorch(params if not encoder_only else _with_dummy_decoder(params, model),
-                            model, "official")
-  if encoder_only:
-    full = {k: v for k, v in full.items() if k.startswith("encoder.")}
   if "official" in formats:
     import torch
+    full = interop.to_pytorch(params, model, "official")
     path = os.path.join(out, "videomae_official.pth")
     torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in full.items()},
                 "step": step}, path)
     written["official"] = path
   if "hf" in formats:
     from safetensors.numpy import save_file
-    hf = interop.to_pytorch(params if not encoder_only else _with_dummy_decoder(params, model),
-                            model, "hf", hf_bias_style="v5")
+    hf = interop.to_pytorch(params, model, "hf", hf_bias_style="v5")
     if encoder_only:
       hf = {k[len("videomae."):]: v for k, v in hf.items() if k.startswith("videomae.")}
     path = os.path.join(out, "hf")
@@ -114,18 +110,6 @@ def export(workdir: str, out: str, *, step: int | None = None, encoder_only: boo
       json.dump(hf_config_dict(model, encoder_only), f, indent=2)
     written["hf"] = path
   return written
-
-
-def _with_dummy_decoder(params, model):
-  """to_pytorch converts whole models; give it zero decoder leaves and drop them afterwards."""
-  import jax
-  import numpy as np
-
-  from videomae_jax import interop
-  shapes = interop.param_shapes(model)
-  full = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  full["encoder"] = params["encoder"]
-  return full
 
 
 def main(argv):

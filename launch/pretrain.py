@@ -117,7 +117,7 @@ def train(config, workdir: str) -> dict:
       checkpointing.abstract_with_shardings(abstract, state_sh), meta)
   if is_main:
     # Where every parameter lives, for checking a sharding plan before a long run.
-    specs = {"/".join(str(getattr(k, "key", k)) for k in path): {
+    specs = {sharding.path_name(path): {
         "spec": str(x.sharding.spec), "shape": list(x.shape),
         "shard_shape": list(x.sharding.shard_shape(x.shape))}
         for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}

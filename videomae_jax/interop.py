@@ -20,6 +20,7 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
+import flax.traverse_util
 import jax
 import numpy as np
 
@@ -275,26 +276,6 @@ def _flax_to_canonical(path: tuple[str, ...], v: np.ndarray) -> tuple[str, np.nd
   return ".".join(parts), v
 
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return out
-
-
 def _unstack_scanned(flat: dict) -> dict:
   """Scanned params (.../blocks/blocks/leaf with a depth axis) -> .../blocks/blocks_i/leaf."""
   out = {}
@@ -393,7 +374,7 @@ def from_pytorch(state_dict_or_path, cfg, *, drop: Sequence[str] = (), init_para
   patterns = [re.compile(p) for p in drop]
   canon = {k: v for k, v in canon.items() if not any(p.search(k) for p in patterns)}
 
-  expected = _flatten(param_shapes(model.clone(scan=False)))
+  expected = flax.traverse_util.flatten_dict(param_shapes(model.clone(scan=False)))
   converted = {}
   unexpected, mismatched = [], []
   for k, v in canon.items():
@@ -414,7 +395,7 @@ def from_pytorch(state_dict_or_path, cfg, *, drop: Sequence[str] = (), init_para
                           "them in drop= to leave them out")
   missing = [p for p in expected if p not in converted]
   if missing and init_params is not None:
-    init_flat = _flatten(init_params)
+    init_flat = flax.traverse_util.flatten_dict(init_params)
     if model.scan:
       init_flat = _unstack_scanned(init_flat)
     for p in missing:
@@ -425,7 +406,7 @@ def from_pytorch(state_dict_or_path, cfg, *, drop: Sequence[str] = (), init_para
                           " (pass init_params= to take them from freshly initialised params)")
   if model.scan:
     converted = _stack_for_scan(converted)
-  return _unflatten(converted)
+  return flax.traverse_util.unflatten_dict(converted)
 
 
 # Keys of a pre-training checkpoint that a classifier has no place for.
@@ -450,7 +431,8 @@ def to_pytorch(params: Params, cfg, layout: str = "official", *,
     raise ValueError(f"layout must be 'official' or 'hf', got {layout!r}")
   model = _as_model(cfg)
   classifier = isinstance(model, VideoMAEClassifier)
-  flat = _unstack_scanned({p: np.asarray(v) for p, v in _flatten(params).items()})
+  flat = _unstack_scanned({p: np.asarray(v)
+                           for p, v in flax.traverse_util.flatten_dict(params).items()})
   canon = dict(_flax_to_canonical(p, v) for p, v in flat.items())
   if layout == "official":
     return _canonical_to_official(canon, classifier)

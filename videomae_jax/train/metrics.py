@@ -72,14 +72,6 @@ class MetricWriter:
       self._tb.write_images(int(step), {name: image[None]})
     return path
 
-  def write_text(self, step: int, name: str, text: str) -> None:
-    if self.enabled and self._tb is not None:
-      self._tb.write_texts(int(step), {name: text})
-
-  def flush(self) -> None:
-    if self._tb is not None:
-      self._tb.flush()
-
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()

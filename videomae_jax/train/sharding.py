@@ -50,23 +50,20 @@ def _spec_for(path: str, shape: tuple[int, ...], rules, mesh: Mesh) -> P:
   return P()
 
 
-def param_shardings(abstract_params: Any, mesh: Mesh, rules) -> Any:
-  """NamedShardings for a params-shaped tree (optimizer states included) from the rule table."""
-  flat = flax.traverse_util.flatten_dict(abstract_params, sep="/")
-  out = {k: NamedSharding(mesh, _spec_for(k, tuple(v.shape), rules, mesh))
-         for k, v in flat.items()}
-  return flax.traverse_util.unflatten_dict(out, sep="/")
-
-
 def tree_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   """Shardings for any pytree (e.g. a TrainState): leaves named by their key path."""
 
   def one(path, leaf):
-    name = "/".join(_key_name(k) for k in path)
+    name = path_name(path)
     shape = tuple(getattr(leaf, "shape", ()))
     return NamedSharding(mesh, _spec_for(name, shape, rules, mesh) if shape else P())
 
   return jax.tree_util.tree_map_with_path(one, abstract_tree)
+
+
+def path_name(path) -> str:
+  """'params/encoder/blocks/...' for a jax tree path (the names the sharding rules match)."""
+  return "/".join(_key_name(k) for k in path)
 
 
 def _key_name(k) -> str:
