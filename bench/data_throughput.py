@@ -16,7 +16,6 @@ and the ratio. CPU s/clip is the per-core cost, robust to other load on the host
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import tempfile

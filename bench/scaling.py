@@ -75,18 +75,13 @@ def activation_bytes(size: str, frames: int, res: int, remat: bool, batch: int =
   """XLA buffer assignment of the train step, compiled ahead of time (nothing runs)."""
   import jax
   import jax.numpy as jnp
-  from videomae_jax import masking
   from videomae_jax.train import config as config_lib
   from videomae_jax.train import optim, step as step_lib
   c = _config(size, frames, res, scan=True, remat=remat, **model)
   model = config_lib.build_model(c)
   tx, schedule = optim.make_optimizer(c, c.total_steps, 100)
-  mask = masking.tube_mask(jax.random.key(0), 1, model.grid, c.mask.ratio)
   video = jax.ShapeDtypeStruct((batch, frames, res, res, 3), jnp.uint8)
-  params = jax.eval_shape(
-      lambda r: model.init(r, jnp.zeros((1, *video.shape[1:])), mask)["params"],
-      jax.random.key(0))
-  state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
+  state = jax.eval_shape(step_lib.make_init_fn(model, tx, jax.random.key(0)))
   fn = step_lib.make_train_step(model, tx, schedule, mask_cfg=c.mask, norm_pix=c.norm_pix)
   t0 = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, {"video": video},
@@ -124,7 +119,6 @@ def aot_check(args) -> dict[str, Any]:
   """Compiles the sharded train step for a TPU topology, or for forced CPU devices."""
   import jax
   import jax.numpy as jnp
-  from videomae_jax import masking
   from videomae_jax.train import config as config_lib
   from videomae_jax.train import optim, sharding, step as step_lib
   devices, target = None, None
@@ -145,11 +139,7 @@ def aot_check(args) -> dict[str, Any]:
   model = config_lib.build_model(c)
   mesh = sharding.make_mesh(len(devices) // fsdp, fsdp, devices)
   tx, schedule = optim.make_optimizer(c, c.total_steps, 100)
-  mask = masking.tube_mask(jax.random.key(0), 1, model.grid, c.mask.ratio)
-
-  def init():
-    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 224, 224, 3)), mask)["params"]
-    return step_lib.init_state(params, tx)
+  init = step_lib.make_init_fn(model, tx, jax.random.key(0))
 
   abstract = jax.eval_shape(init)
   state_sh = sharding.tree_shardings(abstract, mesh, c.sharding_rules)

@@ -38,7 +38,6 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from videomae_jax import flops as flops_lib  # noqa: E402
@@ -100,11 +99,7 @@ class JaxSide:
     model = config_lib.build_model(config)
     self.model = model
     tx, schedule = optim.make_optimizer(config, config.total_steps, 100)
-    dummy = jnp.zeros((1, *video_u8.shape[1:]), model.dtype)
-    from videomae_jax import masking
-    mask = masking.tube_mask(jax.random.key(0), 1, model.grid, config.mask.ratio)
-    params = jax.jit(lambda r: model.init(r, dummy, mask)["params"])(jax.random.key(seed))
-    self.state = step_lib.init_state(params, tx)
+    self.state = jax.jit(step_lib.make_init_fn(model, tx, jax.random.key(seed)))()
     fn = step_lib.make_train_step(model, tx, schedule, mask_cfg=config.mask,
                                   norm_pix=config.norm_pix)
     self.batch = {"video": jax.device_put(video_u8)}
@@ -113,7 +108,7 @@ class JaxSide:
     lowered = jax.jit(fn, donate_argnums=(0,)).lower(self.state, self.batch, self.rng)
     self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - t0
-    self.param_count = sum(x.size for x in jax.tree.leaves(params))
+    self.param_count = sum(x.size for x in jax.tree.leaves(self.state.params))
 
   def step(self) -> float:
     self.state, metrics = self.compiled(self.state, self.batch, self.rng)

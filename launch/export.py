@@ -30,17 +30,12 @@ def load_params(workdir: str, step: int | None = None):
 
   from videomae_jax.train import checkpointing, optim, step as step_lib
   from videomae_jax.train import config as config_lib
-  from videomae_jax import masking
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   model = config_lib.build_model(config)
   tx, _ = optim.make_optimizer(config, total_steps=1, steps_per_epoch=1)
 
-  def init():
-    video = jax.numpy.zeros((1, model.num_frames, *model.image_hw, 3))
-    mask = masking.tube_mask(jax.random.key(0), 1, model.grid, config.mask.ratio)
-    return step_lib.init_state(model.init(jax.random.key(0), video, mask)["params"], tx)
-
+  init = step_lib.make_init_fn(model, tx, jax.random.key(0))
   abstract = jax.eval_shape(init)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = checkpointing.abstract_with_shardings(abstract, jax.tree.map(lambda _: device,

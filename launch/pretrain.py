@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import sys
 import time
 
 # TensorFlow (the input pipeline) prints start-up notices at INFO from C++.
@@ -103,12 +101,7 @@ def train(config, workdir: str) -> dict:
   tx, schedule = optim.make_optimizer(config, total_steps, steps_per_epoch)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
 
-  def init_state():
-    video = jnp.zeros((1, model.num_frames, *model.image_hw, 3), jnp.float32)
-    mask = masking.tube_mask(init_rng, 1, model.grid, config.mask.ratio)
-    params = model.init(init_rng, video, mask)["params"]
-    return step_lib.init_state(params, tx)
-
+  init_state = step_lib.make_init_fn(model, tx, init_rng)
   abstract = jax.eval_shape(init_state)
   state_sh = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
   meta = {"seed": int(config.seed), "data": data_desc, "batch_size": int(config.batch_size)}

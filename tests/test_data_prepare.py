@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 import data_videos as dv
 from videomae_jax.data import readers

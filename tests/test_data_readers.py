@@ -1,5 +1,4 @@
 """Readers on real sample videos and generated edge cases, against an exact sequential decode."""
-import os
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -159,7 +158,6 @@ def test_nonfinite_run_stops_after_k_in_a_row(tmp_path):
     (["--config.model.no_such_field=1"], "no_such_field"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, overrides, message):
-  t0 = time.time()
   proc = h.run(tmp_path / "bad", *overrides, devices=2, check=False, timeout=120)
   assert proc.returncode != 0
   assert message in proc.stderr

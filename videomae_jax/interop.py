@@ -24,7 +24,6 @@ import flax.traverse_util
 import jax
 import numpy as np
 
-from videomae_jax import masking
 from videomae_jax.models import layers
 from videomae_jax.models.videomae import VideoMAEClassifier, VideoMAEPretrain
 
@@ -320,13 +319,7 @@ def _as_model(cfg) -> Model:
 def param_shapes(cfg) -> dict:
   """Shapes of the model's params (as ``jax.ShapeDtypeStruct``), without allocating them."""
   model = _as_model(cfg)
-  video = jax.ShapeDtypeStruct((1, model.num_frames, *model.image_hw, model.in_chans),
-                               np.float32)
-  key = jax.random.key(0)
-  if isinstance(model, VideoMAEClassifier):
-    return jax.eval_shape(lambda v: model.init(key, v), video)["params"]
-  return jax.eval_shape(
-      lambda v: model.init(key, v, masking.tube_mask(key, 1, model.grid, 0.5)), video)["params"]
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), *model.example_inputs()))["params"]
 
 
 def _pt_name(path: tuple[str, ...], classifier: bool) -> str:

@@ -78,6 +78,10 @@ class _VideoViTFields(nn.Module):
       raise ValueError(f"attention_remat={self.attention_remat!r}: use 'none', 'decoder' or "
                        "'all'")
 
+  def example_inputs(self, batch: int = 1) -> tuple:
+    """Zero inputs with the shapes ``init`` needs (param shapes do not depend on their values)."""
+    return (jnp.zeros((batch, self.num_frames, *self.image_hw, self.in_chans), jnp.float32),)
+
   def _check_video(self, video: jax.Array):
     expected = (self.num_frames, *self.image_hw, self.in_chans)
     if video.ndim != 5 or tuple(video.shape[1:]) != expected:
@@ -185,6 +189,10 @@ class VideoMAEPretrain(_VideoViTFields):
   # The reference uses layer_norm_eps everywhere; HF transformers uses 1e-5 for the decoder's
   # final norm. None = layer_norm_eps.
   decoder_norm_eps: float | None = None
+
+  def example_inputs(self, batch: int = 1) -> tuple:
+    (video,) = super().example_inputs(batch)
+    return video, masking_lib.tube_mask(jax.random.key(0), batch, self.grid, 0.5)
 
   @nn.compact
   def __call__(self, video: jax.Array, mask, decoder_mask: masking_lib.Mask | None = None, *,

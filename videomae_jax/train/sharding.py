@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-import flax.traverse_util
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

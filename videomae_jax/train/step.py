@@ -28,6 +28,17 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
                     nonfinite_total=jnp.zeros((), jnp.int32))
 
 
+def make_init_fn(model: VideoMAEPretrain, tx: optax.GradientTransformation,
+                 rng: jax.Array) -> Callable[[], TrainState]:
+  """``() -> TrainState`` with params from ``rng``: jit it with ``out_shardings`` to create the
+  state directly sharded, or ``jax.eval_shape`` it for the shapes."""
+
+  def init() -> TrainState:
+    return init_state(model.init(rng, *model.example_inputs())["params"], tx)
+
+  return init
+
+
 def draw_masks(rng: jax.Array, batch: int, model: VideoMAEPretrain, mask_cfg):
   """Encoder mask (and the V2 decoder mask when configured) for one batch."""
   enc_rng, dec_rng = jax.random.split(rng)
