@@ -32,19 +32,16 @@ def reconstruction_grid(video_u8: np.ndarray, pred: np.ndarray, masked: np.ndarr
   tokens = np.asarray(patchify(x[None], tubelet, patch))[0]  # (N, tubelet*p*p, 3)
   t, h, w = grid
   rec = tokens.copy()
-  pred = np.asarray(pred, np.float32).reshape(-1, tubelet * patch * patch, 3)
+  rec[masked] = np.asarray(pred, np.float32).reshape(-1, tubelet * patch * patch, 3)
   if norm_pix:
-    per_slot = tokens.reshape(t, h * w, -1, 3)
-    vis = ~masked.reshape(t, h * w)
+    # Per temporal slot: the visible tubelets' mean channel mean and std.
+    slot = np.arange(len(masked)) // (h * w)
     for s in range(t):
-      v = per_slot[s][vis[s]]  # (n_vis, tubelet*p*p, 3)
+      v = tokens[(slot == s) & ~masked]  # (n_vis, tubelet*p*p, 3)
       mean = v.mean(axis=1).mean(axis=0)
       std = v.std(axis=1, ddof=1).mean(axis=0)
-      idx = np.flatnonzero(masked.reshape(t, h * w)[s])
-      order = np.searchsorted(np.flatnonzero(masked), s * h * w + idx)
-      rec.reshape(t, h * w, -1, 3)[s, idx] = pred[order] * (std + 1e-6) + mean
-  else:
-    rec[masked] = pred
+      sel = (slot == s) & masked
+      rec[sel] = rec[sel] * (std + 1e-6) + mean
   masked_in = tokens.copy()
   masked_in[masked] = 0.5
   rows = [x, _unpatchify(masked_in, grid, tubelet, patch), _unpatchify(rec, grid, tubelet, patch)]
