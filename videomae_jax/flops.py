@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
+
+from videomae_jax import masking
 from videomae_jax.models.presets import preset as _preset
 
 # Checkpoint policies under which the block's matmuls are saved, not recomputed: (dense, attn).
@@ -47,14 +50,16 @@ def token_counts(cfg, mask_ratio: float = 0.9, decoder_mask_ratio: float | None 
                  mask_type: str = "tube") -> dict[str, int]:
   """Tokens per clip: ``all``, encoder ``visible``, decoder ``predicted`` and decoder ``input``."""
   m = _model(cfg)
-  t, h, w = m.grid
-  n = t * h * w
-  n_masked = t * int(mask_ratio * h * w) if mask_type == "tube" else int(mask_ratio * n)
+  n = m.num_tokens
+  # The counts come from the mask functions themselves (shapes only, nothing runs).
+  mask = jax.eval_shape(
+      lambda: masking.MASKERS[mask_type](jax.random.key(0), 1, m.grid, mask_ratio))
+  n_masked = mask.num_masked
   n_vis = n - n_masked
   if decoder_mask_ratio is None:
     n_pred = n_masked
-  else:  # run_cell drops int(4 * ratio) of every 2x2 cell in every temporal slot
-    n_pred = n - n * int(4 * decoder_mask_ratio) // 4
+  else:
+    n_pred = n - int(masking.running_cell_maps(m.grid, decoder_mask_ratio)[0].sum())
   return dict(all=n, visible=n_vis, predicted=n_pred, input=n_vis + n_pred)
 
 
