@@ -88,15 +88,23 @@ class _VideoViTFields(nn.Module):
       raise ValueError(f"video must have shape (B, {', '.join(map(str, expected))}) "
                        f"(B, T, H, W, C channels-last), got {tuple(video.shape)}")
 
-  def _encoder(self, use_final_norm: bool, name: str = "encoder") -> "Encoder":
-    return Encoder(
-        patch_size=self.patch_size, tubelet_size=self.tubelet_size, embed_dim=self.embed_dim,
-        depth=self.depth, num_heads=self.num_heads, mlp_dim=int(self.embed_dim * self.mlp_ratio),
-        layer_norm_eps=self.layer_norm_eps, init_values=self.init_values,
-        drop_path_rate=self.drop_path_rate, use_final_norm=use_final_norm,
-        dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype), remat=self.remat,
-        remat_policy=self.remat_policy, scan=self.scan, attention_impl=self.attention_impl,
-        attention_remat=self.attention_remat == "all", name=name)
+  def _blocks(self, depth: int, num_heads: int, width: int, **kw) -> layers.BlockStack:
+    """A BlockStack with this model's knobs, unbound: the Encoder/Decoder adopting it as its
+    ``blocks`` field names it, so params live under ``.../blocks``."""
+    return layers.BlockStack(
+        depth=depth, num_heads=num_heads, mlp_dim=int(width * self.mlp_ratio),
+        layer_norm_eps=self.layer_norm_eps, dtype=jnp.dtype(self.dtype),
+        param_dtype=jnp.dtype(self.param_dtype), attention_impl=self.attention_impl,
+        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, parent=None, **kw)
+
+  def _encoder(self, use_final_norm: bool) -> "Encoder":
+    blocks = self._blocks(self.depth, self.num_heads, self.embed_dim,
+                          init_values=self.init_values, drop_path_rate=self.drop_path_rate,
+                          attention_remat=self.attention_remat == "all")
+    return Encoder(patch_size=self.patch_size, tubelet_size=self.tubelet_size,
+                   embed_dim=self.embed_dim, blocks=blocks, layer_norm_eps=self.layer_norm_eps,
+                   use_final_norm=use_final_norm, dtype=jnp.dtype(self.dtype),
+                   param_dtype=jnp.dtype(self.param_dtype), name="encoder")
 
 
 class Encoder(nn.Module):
@@ -105,20 +113,11 @@ class Encoder(nn.Module):
   patch_size: int
   tubelet_size: int
   embed_dim: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
+  blocks: layers.BlockStack
   layer_norm_eps: float = 1e-6
-  init_values: float = 0.0
-  drop_path_rate: float = 0.0
   use_final_norm: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
-  remat_policy: str = "nothing_saveable"
-  scan: bool = False
-  attention_impl: str | None = None
-  attention_remat: bool = False
 
   @nn.compact
   def __call__(self, video: jax.Array, visible_idx: jax.Array | None = None, *,
@@ -131,12 +130,7 @@ class Encoder(nn.Module):
                video.shape[3] // self.patch_size)
     pos = jnp.asarray(layers.sincos_table(t * h * w, self.embed_dim))
     x = x.astype(jnp.float32) + (pos if visible_idx is None else pos[visible_idx])
-    x = layers.BlockStack(
-        depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        layer_norm_eps=self.layer_norm_eps, init_values=self.init_values,
-        drop_path_rate=self.drop_path_rate, dtype=self.dtype, param_dtype=self.param_dtype,
-        attention_impl=self.attention_impl, attention_remat=self.attention_remat,
-        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, name="blocks")(x, deterministic)
+    x = self.blocks(x, deterministic)
     if self.use_final_norm:
       x = layers.layer_norm(self.layer_norm_eps, "norm")(x)
     return x
@@ -145,28 +139,15 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """Lightweight decoder: blocks, then norm and head on the last ``num_return`` tokens."""
 
-  embed_dim: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
+  blocks: layers.BlockStack
   out_dim: int
-  layer_norm_eps: float = 1e-6
   final_norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
-  remat_policy: str = "nothing_saveable"
-  scan: bool = False
-  attention_impl: str | None = None
-  attention_remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, num_return: int) -> jax.Array:
-    x = layers.BlockStack(
-        depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-        attention_impl=self.attention_impl, attention_remat=self.attention_remat,
-        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, name="blocks")(x, True)
+    x = self.blocks(x, True)
     x = x[:, -num_return:]
     x = layers.layer_norm(self.final_norm_eps, "norm")(x)
     return nn.Dense(self.out_dim, kernel_init=layers.xavier_uniform, dtype=self.dtype,
@@ -227,15 +208,13 @@ class VideoMAEPretrain(_VideoViTFields):
         x.astype(jnp.float32) + pos[mask.visible_idx],
         mask_token.astype(jnp.float32) + pos[target_idx],
     ], axis=1)
+    blocks = self._blocks(self.decoder_depth, self.decoder_num_heads, d,
+                          attention_remat=self.attention_remat in ("decoder", "all"))
     pred = Decoder(
-        embed_dim=d, depth=self.decoder_depth, num_heads=self.decoder_num_heads,
-        mlp_dim=int(d * self.mlp_ratio), out_dim=self.patch_dim,
-        layer_norm_eps=self.layer_norm_eps,
+        blocks=blocks, out_dim=self.patch_dim,
         final_norm_eps=(self.layer_norm_eps if self.decoder_norm_eps is None
                         else self.decoder_norm_eps),
-        dtype=dtype, param_dtype=self.param_dtype, remat=self.remat,
-        remat_policy=self.remat_policy, scan=self.scan, attention_impl=self.attention_impl,
-        attention_remat=self.attention_remat in ("decoder", "all"),
+        dtype=dtype, param_dtype=jnp.dtype(self.param_dtype),
         name="decoder")(x_full, target_idx.shape[1])
     return pred.astype(jnp.float32)
 
