@@ -20,6 +20,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["videomae_jax", "videomae_jax.*", "launch", "launch.*"]),
+    # C++ source of the fused CPU attention kernel, compiled on first use.
+    package_data={"videomae_jax.models": ["cpu_attention.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.6",

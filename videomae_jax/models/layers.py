@@ -5,6 +5,7 @@ Parameter names follow the official PyTorch modules (``qkv``, ``q_bias``, ``proj
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -90,16 +91,84 @@ class CubeEmbed(nn.Module):
     return x + bias.astype(self.dtype)
 
 
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+def _mixed_dot(x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
+  return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def resolve_attention_impl(impl: str | None) -> str | None:
-  """``None`` picks per backend: the einsum path on the CPU (XLA:CPU runs its two batched
-  matmuls faster than the generic ``dot_product_attention`` lowering, and it can recompute the
-  probabilities in the backward pass), ``jax.nn.dot_product_attention``'s own choice elsewhere
-  (fused cuDNN/TPU kernels)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
+  """``x @ w`` with operands in ``dtype``, float32 accumulation, result in ``dtype``.
+
+  For a low-precision ``dtype`` all three matmuls (forward, input and weight gradient) take
+  ``dtype`` operands and accumulate in float32, the form that backends run natively
+  (XLA:CPU's bf16 x bf16 -> f32 dots; a bf16-output dot is widened to f32 there). The weight
+  gradient is returned in the weight's own dtype straight from the float32 accumulator.
+  """
+  return _mixed_dot(x, w, dtype).astype(dtype)
+
+
+def _matmul_fwd(x, w, dtype):
+  return matmul(x, w, dtype), (x, w)
+
+
+def _matmul_bwd(dtype, res, g):
+  x, w = res
+  g = g.astype(dtype)
+  dx = jnp.dot(g, w.astype(dtype).T, preferred_element_type=jnp.float32).astype(x.dtype)
+  k, f = w.shape
+  dw = jnp.dot(x.reshape(-1, k).astype(dtype).T, g.reshape(-1, f),
+               preferred_element_type=jnp.float32)
+  return dx, dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Dense(nn.Module):
+  """``nn.Dense`` (same ``kernel``/``bias`` params) through :func:`matmul`."""
+
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable = torch_default_kernel_init
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                        self.param_dtype)
+    if jnp.dtype(self.dtype) == jnp.float32:
+      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    else:
+      y = matmul(x.astype(self.dtype), kernel, self.dtype)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+ATTENTION_IMPLS = ("cpu_fused", "einsum", "xla", "cudnn")
+
+
+def resolve_attention_impl(impl: str | None, dtype: Dtype = jnp.float32) -> str | None:
+  """``None`` picks per backend and compute dtype.
+
+  CPU: with bfloat16 compute on one device, the fused AVX512-BF16 kernel
+  (:mod:`cpu_attention`) when the machine has it, else the einsum path (XLA:CPU runs its two
+  batched matmuls faster than the generic ``dot_product_attention`` lowering, and it can
+  recompute the probabilities in the backward pass). GPU/TPU: ``jax.nn.dot_product_attention``'s
+  own choice (fused cuDNN/TPU kernels). The fused CPU kernel is an opaque custom call that the
+  SPMD partitioner would replicate, hence one device only.
+  """
   if impl is None:
-    return "einsum" if jax.default_backend() == "cpu" else None
+    if jax.default_backend() != "cpu":
+      return None
+    if jnp.dtype(dtype) == jnp.bfloat16 and jax.device_count() == 1:
+      from videomae_jax.models import cpu_attention
+      if cpu_attention.available():
+        return "cpu_fused"
+    return "einsum"
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl={impl!r}: use None, {', '.join(ATTENTION_IMPLS)}")
   return impl
@@ -109,7 +178,9 @@ def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
   logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
                       preferred_element_type=jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  # float32 accumulation also for low-precision v: the form XLA:CPU runs natively.
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v,
+                    preferred_element_type=jnp.float32).astype(v.dtype)
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
@@ -139,9 +210,10 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
 class Attention(nn.Module):
   """Multi-head self-attention with q/v bias and no k bias, as in the reference.
 
-  One fused qkv projection (rows [q; k; v], head-major). ``implementation``: "einsum" (two
-  einsums, float32 softmax, optional recomputation of the probabilities), or "xla"/"cudnn"/None
-  for ``jax.nn.dot_product_attention`` so that GPUs/TPUs get fused kernels.
+  One fused qkv projection (rows [q; k; v], head-major). ``implementation`` (None: per backend,
+  see :func:`resolve_attention_impl`): "cpu_fused" (the AVX512-BF16 kernel on the packed qkv,
+  bfloat16), "einsum" (two einsums, float32 softmax, optional recomputation of the
+  probabilities), or "xla"/"cudnn" for ``jax.nn.dot_product_attention``.
   """
 
   num_heads: int
@@ -156,20 +228,24 @@ class Attention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"embed dim {d} is not divisible by num_heads={self.num_heads}")
     hd = d // self.num_heads
-    qkv = nn.Dense(3 * d, use_bias=False, kernel_init=xavier_uniform, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="qkv")(x)
+    dense = functools.partial(Dense, kernel_init=xavier_uniform, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    qkv = dense(3 * d, use_bias=False, name="qkv")(x)
     q_bias = self.param("q_bias", nn.initializers.zeros, (d,), self.param_dtype)
     v_bias = self.param("v_bias", nn.initializers.zeros, (d,), self.param_dtype)
     bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(self.dtype)
     qkv = (qkv + bias).reshape(b, n, 3, self.num_heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    impl = resolve_attention_impl(self.implementation)
-    if impl == "einsum":
-      out = einsum_attention(q, k, v, hd**-0.5, self.remat_probs)
+    impl = resolve_attention_impl(self.implementation, self.dtype)
+    if impl == "cpu_fused":
+      from videomae_jax.models import cpu_attention
+      out = cpu_attention.attention(qkv.astype(jnp.bfloat16), hd**-0.5).astype(self.dtype)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, scale=hd**-0.5, implementation=impl)
-    return nn.Dense(d, kernel_init=xavier_uniform, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="proj")(out.reshape(b, n, d))
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      if impl == "einsum":
+        out = einsum_attention(q, k, v, hd**-0.5, self.remat_probs)
+      else:
+        out = jax.nn.dot_product_attention(q, k, v, scale=hd**-0.5, implementation=impl)
+    return dense(d, name="proj")(out.reshape(b, n, d))
 
 
 @jax.custom_vjp
@@ -207,11 +283,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    dense = lambda f, name: nn.Dense(f, kernel_init=xavier_uniform, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
-    x = dense(self.hidden_dim, "fc1")(x)
+    dense = functools.partial(Dense, kernel_init=xavier_uniform, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    x = dense(self.hidden_dim, name="fc1")(x)
     x = gelu_erf(x)
-    return dense(d, "fc2")(x)
+    return dense(d, name="fc2")(x)
 
 
 def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array) -> jax.Array:

@@ -150,7 +150,7 @@ class Decoder(nn.Module):
     x = self.blocks(x, True)
     x = x[:, -num_return:]
     x = layers.layer_norm(self.final_norm_eps, "norm")(x)
-    return nn.Dense(self.out_dim, kernel_init=layers.xavier_uniform, dtype=self.dtype,
+    return layers.Dense(self.out_dim, kernel_init=layers.xavier_uniform, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="head")(x)
 
 
@@ -191,7 +191,7 @@ class VideoMAEPretrain(_VideoViTFields):
 
     x = self._encoder(use_final_norm=True)(video.astype(dtype), mask.visible_idx,
                                            deterministic=not train)
-    x = nn.Dense(d, use_bias=False, kernel_init=layers.torch_default_kernel_init, dtype=dtype,
+    x = layers.Dense(d, use_bias=False, kernel_init=layers.torch_default_kernel_init, dtype=dtype,
                  param_dtype=self.param_dtype, name="encoder_to_decoder")(x)
     mask_token = self.param("mask_token", layers.trunc_normal_init(0.02), (1, 1, d),
                             self.param_dtype)
@@ -242,6 +242,6 @@ class VideoMAEClassifier(_VideoViTFields):
     def head_init(key, shape, dtype=jnp.float32):
       return layers.trunc_normal_init(0.02)(key, shape, dtype) * scale
 
-    logits = nn.Dense(self.num_classes, kernel_init=head_init, dtype=dtype,
+    logits = layers.Dense(self.num_classes, kernel_init=head_init, dtype=dtype,
                       param_dtype=self.param_dtype, name="head")(x)
     return logits.astype(jnp.float32)

@@ -1,0 +1,444 @@
+// Fused multi-head self-attention for x86 CPUs with AVX512-BF16, as XLA FFI custom calls.
+//
+// Inputs are the packed projection qkv (B, N, 3, H, D) in bfloat16; the forward pass returns
+// softmax(q k^T * scale) v as (B, N, H, D) bfloat16 plus the row log-sum-exp (B, H, N) float32,
+// the backward pass returns d(qkv) (B, N, 3, H, D). Work is split into blocks of 64 query rows
+// (forward, dq) and 64 key rows (dk, dv) per (batch, head), so no (N, N) matrix is ever held:
+// a block's scores (64 x N) stay in the core's cache. All matmuls take bfloat16 operands and
+// accumulate in float32 (vdpbf16ps); softmax, the log-sum-exp and dS run in float32.
+//
+// Matmul layout: C[M x Nc] = A[M x K] . B[K x Nc] with A bfloat16 row-major (K even) and B
+// pre-packed into panels of 32 columns with pairs of consecutive k interleaved,
+// Bp[panel][k/2][32][2], the operand order of vdpbf16ps.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using bf16 = uint16_t;
+constexpr int kNR = 32;     // columns per packed panel (two zmm of float32)
+constexpr int kMR = 8;      // rows per micro-tile
+constexpr int kBlock = 64;  // query / key rows per task
+
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+inline float FromBf16(bf16 h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---- packing ---------------------------------------------------------------------------------
+
+// B = X^T for X (rows x k_dim) with row stride ldx: Bp[panel][kp][j][t] = X[panel*32 + j][2kp + t].
+// Rows past `rows` (up to the panel padding) are zero.
+void PackTransposed(const bf16* x, int64_t ldx, int64_t rows, int64_t k_dim, bf16* out) {
+  const int64_t kpairs = k_dim / 2, panels = RoundUp(rows, kNR) / kNR;
+  for (int64_t p = 0; p < panels; ++p) {
+    bf16* dst = out + p * kpairs * kNR * 2;
+    for (int64_t j = 0; j < kNR; ++j) {
+      const int64_t r = p * kNR + j;
+      if (r < rows) {
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(x + r * ldx);
+        uint32_t* d32 = reinterpret_cast<uint32_t*>(dst);
+        for (int64_t kp = 0; kp < kpairs; ++kp) d32[kp * kNR + j] = src[kp];
+      } else {
+        uint32_t* d32 = reinterpret_cast<uint32_t*>(dst);
+        for (int64_t kp = 0; kp < kpairs; ++kp) d32[kp * kNR + j] = 0;
+      }
+    }
+  }
+}
+
+// B = X for X (k_rows x cols) with row stride ldx: Bp[panel][kp][j][t] = X[2kp + t][panel*32 + j].
+// k is padded to k_pad (even) and columns to a multiple of 32, with zeros.
+void PackNormal(const bf16* x, int64_t ldx, int64_t k_rows, int64_t k_pad, int64_t cols,
+                bf16* out) {
+  const int64_t kpairs = k_pad / 2, panels = RoundUp(cols, kNR) / kNR;
+  for (int64_t p = 0; p < panels; ++p) {
+    bf16* dst = out + p * kpairs * kNR * 2;
+    for (int64_t kp = 0; kp < kpairs; ++kp) {
+      for (int t = 0; t < 2; ++t) {
+        const int64_t k = 2 * kp + t;
+        for (int64_t j = 0; j < kNR; ++j) {
+          const int64_t c = p * kNR + j;
+          dst[(kp * kNR + j) * 2 + t] = (k < k_rows && c < cols) ? x[k * ldx + c] : 0;
+        }
+      }
+    }
+  }
+}
+
+// ---- matmul ----------------------------------------------------------------------------------
+
+template <int MR>
+inline void MicroKernel(const bf16* a, int64_t lda, const bf16* bp, int64_t kpairs, float* c,
+                        int64_t ldc) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < kpairs; ++kp) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + kp * 64);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + kp * 64 + 32);
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * kp, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(c + r * ldc, acc[r][0]);
+    _mm512_storeu_ps(c + r * ldc + 16, acc[r][1]);
+  }
+}
+
+// C[m x round32(n_cols)] = A[m x 2*kpairs] . Bp, float32 out, row stride ldc.
+void Gemm(const bf16* a, int64_t lda, int64_t m, const bf16* bp, int64_t kpairs, int64_t n_cols,
+          float* c, int64_t ldc) {
+  const int64_t panels = RoundUp(n_cols, kNR) / kNR;
+  for (int64_t p = 0; p < panels; ++p) {
+    const bf16* panel = bp + p * kpairs * kNR * 2;
+    int64_t i = 0;
+    for (; i + kMR <= m; i += kMR)
+      MicroKernel<kMR>(a + i * lda, lda, panel, kpairs, c + i * ldc + p * kNR, ldc);
+    switch (m - i) {
+      case 7: MicroKernel<7>(a + i * lda, lda, panel, kpairs, c + i * ldc + p * kNR, ldc); break;
+      case 6: MicroKernel<6>(a + i * lda, lda, panel, kpairs, c + i * ldc + p * kNR, ldc); break;
+      case 5: MicroKernel<5>(a + i * lda, lda, panel, kpairs, c + i * ldc + p * kNR, ldc); break;
+      case 4: MicroKernel<4>(a + i * lda, lda, panel, kpairs, c + i * ldc + p * kNR, ldc); break;
+      case 3: MicroKernel<3>(a + i * lda, lda, panel, kpairs, c + i * ldc + p * kNR, ldc); break;
+      case 2: MicroKernel<2>(a + i * lda, lda, panel, kpairs, c + i * ldc + p * kNR, ldc); break;
+      case 1: MicroKernel<1>(a + i * lda, lda, panel, kpairs, c + i * ldc + p * kNR, ldc); break;
+      default: break;
+    }
+  }
+}
+
+// ---- vector helpers --------------------------------------------------------------------------
+
+// exp(x) for float32 lanes: Cephes expf polynomial after range reduction by ln 2 (~1 ulp).
+inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.72283f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 TailMask(int64_t remaining) {
+  if (remaining <= 0) return 0;
+  return remaining >= 16 ? static_cast<__mmask16>(0xffff)
+                         : static_cast<__mmask16>((1u << remaining) - 1u);
+}
+
+// 16 float32 -> 16 bfloat16 (round to nearest even), masked store.
+inline void StoreBf16(bf16* dst, __m512 v, __mmask16 mask) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  _mm256_mask_storeu_epi16(dst, mask, h);
+}
+
+// ---- parallel loop on XLA's intra-op pool ----------------------------------------------------
+
+// Runs f(i) for i in [0, n) on the calling thread and the pool's threads. Items are claimed
+// from a shared counter, and the caller returns once every item is finished; a pool task that
+// starts late finds no item left and touches only the shared counters, so nothing it holds
+// points into the caller's stack when it runs.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
+  struct Counters {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  const F* fn = &f;
+  auto work = [counters, fn, n]() {
+    for (int64_t i; (i = counters->next.fetch_add(1)) < n;) {
+      (*fn)(i);
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  while (counters->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// ---- shapes ----------------------------------------------------------------------------------
+
+struct Dims {
+  int64_t b, n, h, d;
+  int64_t n_pad;   // keys padded to the panel width (also the even k of P . V)
+  int64_t d_pad;   // head dim padded to the panel width
+  int64_t row;     // stride between tokens in qkv: 3 * h * d
+  int64_t orow;    // stride between tokens in o / do: h * d
+  int64_t pack;    // elements of one packed (N x D) operand
+  const bf16* q(const bf16* qkv, int64_t bi, int64_t hi, int64_t t, int which) const {
+    return qkv + (bi * n + t) * row + which * h * d + hi * d;
+  }
+};
+
+ffi::Error CheckQkv(const ffi::AnyBuffer& qkv, Dims* dims) {
+  if (qkv.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("cpu_attention: qkv must be bfloat16");
+  auto s = qkv.dimensions();
+  if (s.size() != 5 || s[2] != 3)
+    return ffi::Error::InvalidArgument("cpu_attention: qkv must be (B, N, 3, H, D)");
+  dims->b = s[0];
+  dims->n = s[1];
+  dims->h = s[3];
+  dims->d = s[4];
+  if (dims->d % 2)
+    return ffi::Error::InvalidArgument("cpu_attention: head dim must be even");
+  dims->n_pad = RoundUp(dims->n, kNR);
+  dims->d_pad = RoundUp(dims->d, kNR);
+  dims->row = 3 * dims->h * dims->d;
+  dims->orow = dims->h * dims->d;
+  dims->pack = std::max(dims->n_pad * dims->d_pad, dims->n_pad * dims->d);
+  return ffi::Error::Success();
+}
+
+// Per-thread scratch, grown on demand.
+struct Scratch {
+  std::vector<float> s, dp, out;
+  std::vector<bf16> p, ds;
+  void Reserve(int64_t n_pad, int64_t d_pad) {
+    const size_t big = static_cast<size_t>(kBlock * n_pad);
+    if (s.size() < big) { s.resize(big); dp.resize(big); p.resize(big); ds.resize(big); }
+    const size_t small = static_cast<size_t>(kBlock * d_pad);
+    if (out.size() < small) out.resize(small);
+  }
+};
+thread_local Scratch scratch;
+
+// ---- forward ---------------------------------------------------------------------------------
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer qkv_buf, float scale,
+                   ffi::Result<ffi::AnyBuffer> o_buf, ffi::Result<ffi::AnyBuffer> lse_buf) {
+  Dims dm;
+  if (auto err = CheckQkv(qkv_buf, &dm); err.failure()) return err;
+  const bf16* qkv = reinterpret_cast<const bf16*>(qkv_buf.untyped_data());
+  bf16* o = reinterpret_cast<bf16*>(o_buf->untyped_data());
+  float* lse = reinterpret_cast<float*>(lse_buf->untyped_data());
+  const int64_t bh = dm.b * dm.h;
+
+  // K^T (panels over keys, pairs over d) and V (pairs over keys, panels over d) per (b, h).
+  std::vector<bf16> kt(bh * dm.pack), vn(bh * dm.pack);
+  ParallelFor(pool, bh, [&](int64_t i) {
+    const int64_t bi = i / dm.h, hi = i % dm.h;
+    PackTransposed(dm.q(qkv, bi, hi, 0, 1), dm.row, dm.n, dm.d, kt.data() + i * dm.pack);
+    PackNormal(dm.q(qkv, bi, hi, 0, 2), dm.row, dm.n, dm.n_pad, dm.d, vn.data() + i * dm.pack);
+  });
+
+  const int64_t blocks = (dm.n + kBlock - 1) / kBlock;
+  ParallelFor(pool, bh * blocks, [&](int64_t task) {
+    const int64_t i = task / blocks, q0 = (task % blocks) * kBlock;
+    const int64_t bi = i / dm.h, hi = i % dm.h, m = std::min<int64_t>(kBlock, dm.n - q0);
+    Scratch& ws = scratch;
+    ws.Reserve(dm.n_pad, dm.d_pad);
+    float* s = ws.s.data();
+    bf16* p = ws.p.data();
+    Gemm(dm.q(qkv, bi, hi, q0, 0), dm.row, m, kt.data() + i * dm.pack, dm.d / 2, dm.n, s,
+         dm.n_pad);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t r = 0; r < m; ++r) {
+      float* sr = s + r * dm.n_pad;
+      __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < dm.n; j += 16) {
+        const __mmask16 mk = TailMask(dm.n - j);
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sr + j), vscale);
+        vmax = _mm512_mask_max_ps(vmax, mk, vmax, x);
+      }
+      const float mx = _mm512_reduce_max_ps(vmax);
+      const __m512 vm = _mm512_set1_ps(mx);
+      __m512 vsum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < dm.n; j += 16) {
+        const __mmask16 mk = TailMask(dm.n - j);
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sr + j), vscale);
+        const __m512 e = _mm512_maskz_mov_ps(mk, Exp(_mm512_sub_ps(x, vm)));
+        _mm512_mask_storeu_ps(sr + j, mk, e);
+        vsum = _mm512_add_ps(vsum, e);
+      }
+      const float sum = _mm512_reduce_add_ps(vsum);
+      const __m512 inv = _mm512_set1_ps(1.0f / sum);
+      bf16* pr = p + r * dm.n_pad;
+      for (int64_t j = 0; j < dm.n_pad; j += 16) {
+        const __mmask16 mk = TailMask(dm.n - j);  // zero past n
+        const __m512 x = _mm512_maskz_loadu_ps(mk, sr + j);
+        StoreBf16(pr + j, _mm512_mul_ps(x, inv), 0xffff);
+      }
+      lse[i * dm.n + q0 + r] = mx + std::log(sum);
+    }
+    float* out = ws.out.data();
+    Gemm(p, dm.n_pad, m, vn.data() + i * dm.pack, dm.n_pad / 2, dm.d, out, dm.d_pad);
+    for (int64_t r = 0; r < m; ++r) {
+      bf16* orow = o + (bi * dm.n + q0 + r) * dm.orow + hi * dm.d;
+      for (int64_t c = 0; c < dm.d; c += 16)
+        StoreBf16(orow + c, _mm512_loadu_ps(out + r * dm.d_pad + c), TailMask(dm.d - c));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---- backward --------------------------------------------------------------------------------
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer qkv_buf, ffi::AnyBuffer o_buf,
+                    ffi::AnyBuffer lse_buf, ffi::AnyBuffer do_buf, float scale,
+                    ffi::Result<ffi::AnyBuffer> dqkv_buf) {
+  Dims dm;
+  if (auto err = CheckQkv(qkv_buf, &dm); err.failure()) return err;
+  if (o_buf.element_type() != ffi::DataType::BF16 || do_buf.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("cpu_attention: o and do must be bfloat16");
+  const bf16* qkv = reinterpret_cast<const bf16*>(qkv_buf.untyped_data());
+  const bf16* o = reinterpret_cast<const bf16*>(o_buf.untyped_data());
+  const bf16* dout = reinterpret_cast<const bf16*>(do_buf.untyped_data());
+  const float* lse = reinterpret_cast<const float*>(lse_buf.untyped_data());
+  bf16* dqkv = reinterpret_cast<bf16*>(dqkv_buf->untyped_data());
+  const int64_t bh = dm.b * dm.h, pk = dm.pack;
+
+  // Packed operands per (b, h): t = transposed form (pairs over d), n = normal form.
+  enum { kKt, kVt, kKn, kQt, kQn, kDOt, kDOn, kNumPacks };
+  std::vector<bf16> packs(static_cast<size_t>(kNumPacks) * bh * pk);
+  std::vector<float> delta(bh * dm.n);
+  auto pack_at = [&](int which, int64_t i) { return packs.data() + (which * bh + i) * pk; };
+  ParallelFor(pool, bh, [&](int64_t i) {
+    const int64_t bi = i / dm.h, hi = i % dm.h;
+    const bf16* q = dm.q(qkv, bi, hi, 0, 0);
+    const bf16* k = dm.q(qkv, bi, hi, 0, 1);
+    const bf16* v = dm.q(qkv, bi, hi, 0, 2);
+    const bf16* d_o = dout + bi * dm.n * dm.orow + hi * dm.d;
+    const bf16* oo = o + bi * dm.n * dm.orow + hi * dm.d;
+    PackTransposed(k, dm.row, dm.n, dm.d, pack_at(kKt, i));
+    PackTransposed(v, dm.row, dm.n, dm.d, pack_at(kVt, i));
+    PackNormal(k, dm.row, dm.n, dm.n_pad, dm.d, pack_at(kKn, i));
+    PackTransposed(q, dm.row, dm.n, dm.d, pack_at(kQt, i));
+    PackNormal(q, dm.row, dm.n, dm.n_pad, dm.d, pack_at(kQn, i));
+    PackTransposed(d_o, dm.orow, dm.n, dm.d, pack_at(kDOt, i));
+    PackNormal(d_o, dm.orow, dm.n, dm.n_pad, dm.d, pack_at(kDOn, i));
+    for (int64_t t = 0; t < dm.n; ++t) {  // delta_t = sum_d dO[t, d] * O[t, d]
+      float acc = 0.f;
+      for (int64_t c = 0; c < dm.d; ++c)
+        acc += FromBf16(d_o[t * dm.orow + c]) * FromBf16(oo[t * dm.orow + c]);
+      delta[i * dm.n + t] = acc;
+    }
+  });
+
+  const int64_t blocks = (dm.n + kBlock - 1) / kBlock;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  // Tasks [0, bh*blocks): dq of one query block. Tasks [bh*blocks, 2*bh*blocks): dk, dv of one
+  // key block, computed from the transposed scores S^T = K Q^T so that no operand is transposed.
+  ParallelFor(pool, 2 * bh * blocks, [&](int64_t task) {
+    const bool key_side = task >= bh * blocks;
+    if (key_side) task -= bh * blocks;
+    const int64_t i = task / blocks, r0 = (task % blocks) * kBlock;
+    const int64_t bi = i / dm.h, hi = i % dm.h, m = std::min<int64_t>(kBlock, dm.n - r0);
+    Scratch& ws = scratch;
+    ws.Reserve(dm.n_pad, dm.d_pad);
+    float* s = ws.s.data();
+    float* dp = ws.dp.data();
+    bf16* p = ws.p.data();
+    bf16* ds = ws.ds.data();
+    const float* lse_i = lse + i * dm.n;
+    const float* delta_i = delta.data() + i * dm.n;
+    if (!key_side) {
+      // S = Q_blk K^T, dP = dO_blk V^T; rows are queries.
+      Gemm(dm.q(qkv, bi, hi, r0, 0), dm.row, m, pack_at(kKt, i), dm.d / 2, dm.n, s, dm.n_pad);
+      Gemm(dout + (bi * dm.n + r0) * dm.orow + hi * dm.d, dm.orow, m, pack_at(kVt, i), dm.d / 2,
+           dm.n, dp, dm.n_pad);
+      for (int64_t r = 0; r < m; ++r) {
+        const __m512 l = _mm512_set1_ps(lse_i[r0 + r]);
+        const __m512 dl = _mm512_set1_ps(delta_i[r0 + r]);
+        for (int64_t j = 0; j < dm.n_pad; j += 16) {
+          const __mmask16 mk = TailMask(dm.n - j);
+          const __m512 pv = _mm512_maskz_mov_ps(
+              mk, Exp(_mm512_fmsub_ps(_mm512_loadu_ps(s + r * dm.n_pad + j), vscale, l)));
+          const __m512 dsv = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dp + r * dm.n_pad + j), dl));
+          StoreBf16(ds + r * dm.n_pad + j, _mm512_maskz_mov_ps(mk, dsv), 0xffff);
+        }
+      }
+      float* out = ws.out.data();
+      Gemm(ds, dm.n_pad, m, pack_at(kKn, i), dm.n_pad / 2, dm.d, out, dm.d_pad);
+      for (int64_t r = 0; r < m; ++r) {
+        bf16* dst = dqkv + (bi * dm.n + r0 + r) * dm.row + hi * dm.d;
+        for (int64_t c = 0; c < dm.d; c += 16)
+          StoreBf16(dst + c, _mm512_mul_ps(_mm512_loadu_ps(out + r * dm.d_pad + c), vscale),
+                    TailMask(dm.d - c));
+      }
+    } else {
+      // S^T = K_blk Q^T, dP^T = V_blk dO^T; rows are keys, columns queries.
+      Gemm(dm.q(qkv, bi, hi, r0, 1), dm.row, m, pack_at(kQt, i), dm.d / 2, dm.n, s, dm.n_pad);
+      Gemm(dm.q(qkv, bi, hi, r0, 2), dm.row, m, pack_at(kDOt, i), dm.d / 2, dm.n, dp, dm.n_pad);
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t j = 0; j < dm.n_pad; j += 16) {
+          const __mmask16 mk = TailMask(dm.n - j);
+          const __m512 l = _mm512_maskz_loadu_ps(mk, lse_i + j);
+          const __m512 dl = _mm512_maskz_loadu_ps(mk, delta_i + j);
+          const __m512 pv = _mm512_maskz_mov_ps(
+              mk, Exp(_mm512_fmsub_ps(_mm512_loadu_ps(s + r * dm.n_pad + j), vscale, l)));
+          const __m512 dsv = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dp + r * dm.n_pad + j), dl));
+          StoreBf16(p + r * dm.n_pad + j, pv, 0xffff);
+          StoreBf16(ds + r * dm.n_pad + j, _mm512_maskz_mov_ps(mk, dsv), 0xffff);
+        }
+      }
+      float* out = ws.out.data();
+      Gemm(p, dm.n_pad, m, pack_at(kDOn, i), dm.n_pad / 2, dm.d, out, dm.d_pad);  // dV
+      for (int64_t r = 0; r < m; ++r) {
+        bf16* dst = dqkv + (bi * dm.n + r0 + r) * dm.row + 2 * dm.h * dm.d + hi * dm.d;
+        for (int64_t c = 0; c < dm.d; c += 16)
+          StoreBf16(dst + c, _mm512_loadu_ps(out + r * dm.d_pad + c), TailMask(dm.d - c));
+      }
+      Gemm(ds, dm.n_pad, m, pack_at(kQn, i), dm.n_pad / 2, dm.d, out, dm.d_pad);  // dK
+      for (int64_t r = 0; r < m; ++r) {
+        bf16* dst = dqkv + (bi * dm.n + r0 + r) * dm.row + dm.h * dm.d + hi * dm.d;
+        for (int64_t c = 0; c < dm.d; c += 16)
+          StoreBf16(dst + c, _mm512_mul_ps(_mm512_loadu_ps(out + r * dm.d_pad + c), vscale),
+                    TailMask(dm.d - c));
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VideomaeAttentionFwd, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VideomaeAttentionBwd, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::AnyBuffer>());

@@ -1,0 +1,147 @@
+"""Fused bfloat16 self-attention for x86 CPUs with AVX512-BF16, as an XLA FFI custom call.
+
+XLA:CPU runs attention as separate batched matmuls with the (B, heads, N, N) scores in
+memory between them, at a fraction of the machine's bf16 matmul rate. ``cpu_attention.cc``
+computes one block of 64 query (or key) rows at a time with the scores in cache, bf16 operands
+and float32 accumulation, for the forward and the backward pass (FlashAttention-2 split:
+dq per query block, dk/dv per key block, probabilities recomputed from the saved log-sum-exp).
+
+The kernel is compiled from source with the system C++ compiler (``$CXX``, default ``g++``) on
+first use and cached under ``$VIDEOMAE_JAX_CACHE`` (default ``~/.cache/videomae_jax``), keyed by
+the source, the jaxlib version and the flags. Where the CPU lacks AVX512-BF16, or no compiler is
+found, :func:`unavailable_reason` says why and the model falls back to the XLA einsum path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl",
+             "-mavx512bf16", "-mfma", "-w")
+_FWD, _BWD = "videomae_attention_fwd", "videomae_attention_bwd"
+_registered: list[ctypes.CDLL] = []  # the library whose handlers XLA holds
+
+
+def _cpu_flags() -> set[str]:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def _cache_dir() -> pathlib.Path:
+  root = os.environ.get("VIDEOMAE_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "videomae_jax")
+  return pathlib.Path(root)
+
+
+def _build(cxx: str) -> pathlib.Path:
+  import jaxlib
+  src = SOURCE.read_bytes()
+  key = hashlib.sha256(src + jaxlib.__version__.encode() + " ".join(CXX_FLAGS).encode())
+  out = _cache_dir() / f"cpu_attention_{key.hexdigest()[:16]}.so"
+  if out.exists():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  # Compile to a private name, then rename: concurrent processes never load a partial file.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  os.close(fd)
+  cmd = [cxx, *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    os.unlink(tmp)
+    raise RuntimeError(f"compiling {SOURCE} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+  os.replace(tmp, out)
+  return out
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+  """None when the kernel is compiled and registered; otherwise why it cannot be used."""
+  missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+  if missing:
+    return f"the CPU lacks {', '.join(missing)}"
+  cxx = shutil.which(os.environ.get("CXX", "g++"))
+  if cxx is None:
+    return "no C++ compiler ($CXX or g++) on PATH"
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+  except (OSError, RuntimeError) as e:
+    return str(e)
+  if not _registered:  # XLA's registry is process-wide and takes each name once
+    jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(lib.VideomaeAttentionFwd), platform="cpu")
+    jax.ffi.register_ffi_target(_BWD, jax.ffi.pycapsule(lib.VideomaeAttentionBwd), platform="cpu")
+    _registered.append(lib)
+  return None
+
+
+def available() -> bool:
+  reason = unavailable_reason()
+  if reason is not None:
+    logging.getLogger(__name__).info("fused CPU attention unavailable: %s", reason)
+  return reason is None
+
+
+def _require() -> None:
+  reason = unavailable_reason()
+  if reason is not None:
+    raise RuntimeError(f"fused CPU attention is unavailable: {reason}")
+
+
+def _check(qkv: jax.Array) -> None:
+  if qkv.ndim != 5 or qkv.shape[2] != 3:
+    raise ValueError(f"cpu_attention: qkv must be (B, N, 3, heads, head_dim), got {qkv.shape}")
+  if qkv.dtype != jnp.bfloat16:
+    raise ValueError(f"cpu_attention: qkv must be bfloat16, got {qkv.dtype}")
+  if qkv.shape[-1] % 2:
+    raise ValueError(f"cpu_attention: head dim {qkv.shape[-1]} is odd; the kernel needs pairs")
+
+
+def _forward(qkv: jax.Array, scale: float):
+  _check(qkv)
+  _require()
+  b, n, _, h, d = qkv.shape
+  return jax.ffi.ffi_call(
+      _FWD, (jax.ShapeDtypeStruct((b, n, h, d), jnp.bfloat16),
+             jax.ShapeDtypeStruct((b, h, n), jnp.float32)),
+      vmap_method="sequential")(qkv, scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def attention(qkv: jax.Array, scale: float) -> jax.Array:
+  """softmax(q k^T * scale) v for qkv (B, N, 3, heads, head_dim) bfloat16 -> (B, N, heads,
+  head_dim) bfloat16. The head dim must be even. Requires :func:`available`."""
+  return _forward(qkv, scale)[0]
+
+
+def _attention_fwd(qkv, scale):
+  o, lse = _forward(qkv, scale)
+  return o, (qkv, o, lse)
+
+
+def _attention_bwd(scale, res, do):
+  qkv, o, lse = res
+  dqkv = jax.ffi.ffi_call(_BWD, jax.ShapeDtypeStruct(qkv.shape, jnp.bfloat16),
+                          vmap_method="sequential")(
+                              qkv, o, lse, do.astype(jnp.bfloat16), scale=np.float32(scale))
+  return (dqkv,)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
