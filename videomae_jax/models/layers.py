@@ -91,41 +91,47 @@ class CubeEmbed(nn.Module):
     return x + bias.astype(self.dtype)
 
 
-def _mixed_dot(x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
-  return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+def _contract(a: jax.Array, b: jax.Array, a_dim: int, b_dim: int) -> jax.Array:
+  """a . b over one axis of each, float32 accumulation; no explicit transposes."""
+  dims = (((a_dim % a.ndim,), (b_dim % b.ndim,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul(x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
-  """``x @ w`` with operands in ``dtype``, float32 accumulation, result in ``dtype``.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Dtype) -> jax.Array:
+  """``x @ w + b`` for x in ``dtype``, w (K, F) and b (F,) in their param dtype; result in ``dtype``.
 
-  For a low-precision ``dtype`` all three matmuls (forward, input and weight gradient) take
-  ``dtype`` operands and accumulate in float32, the form that backends run natively
-  (XLA:CPU's bf16 x bf16 -> f32 dots; a bf16-output dot is widened to f32 there). The weight
-  gradient is returned in the weight's own dtype straight from the float32 accumulator.
+  All three matmuls (forward, input and weight gradient) take ``dtype`` operands and accumulate
+  in float32, the form backends run natively (XLA:CPU widens a bf16-output dot to float32, and
+  its large row reductions are slow): the weight gradient comes straight from the float32
+  accumulator, and the bias gradient is a matmul with a ones vector.
   """
-  return _mixed_dot(x, w, dtype).astype(dtype)
+  y = _contract(x, w.astype(dtype), -1, 0)
+  if b is not None:
+    y = y + b.astype(jnp.float32)
+  return y.astype(dtype)
 
 
-def _matmul_fwd(x, w, dtype):
-  return matmul(x, w, dtype), (x, w)
+def _linear_fwd(x, w, b, dtype):
+  return linear(x, w, b, dtype), (x, w, b)
 
 
-def _matmul_bwd(dtype, res, g):
-  x, w = res
+def _linear_bwd(dtype, res, g):
+  x, w, b = res
   g = g.astype(dtype)
-  dx = jnp.dot(g, w.astype(dtype).T, preferred_element_type=jnp.float32).astype(x.dtype)
-  k, f = w.shape
-  dw = jnp.dot(x.reshape(-1, k).astype(dtype).T, g.reshape(-1, f),
-               preferred_element_type=jnp.float32)
-  return dx, dw.astype(w.dtype)
+  dx = _contract(g, w.astype(dtype), -1, 1).astype(x.dtype)
+  g2 = g.reshape(-1, g.shape[-1])
+  dw = _contract(x.reshape(-1, x.shape[-1]), g2, 0, 0).astype(w.dtype)
+  db = None if b is None else _contract(jnp.ones(g2.shape[:1], dtype), g2, 0, 0).astype(b.dtype)
+  return dx, dw, db
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 class Dense(nn.Module):
-  """``nn.Dense`` (same ``kernel``/``bias`` params) through :func:`matmul`."""
+  """``nn.Dense`` (same ``kernel``/``bias`` params) through :func:`linear`. ``bias`` given at
+  call time replaces the module's own (for biases held elsewhere, like qkv's q/v biases)."""
 
   features: int
   use_bias: bool = True
@@ -135,17 +141,12 @@ class Dense(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
                         self.param_dtype)
-    if jnp.dtype(self.dtype) == jnp.float32:
-      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-    else:
-      y = matmul(x.astype(self.dtype), kernel, self.dtype)
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
+    return linear(x.astype(self.dtype), kernel, bias, jnp.dtype(self.dtype))
 
 
 ATTENTION_IMPLS = ("cpu_fused", "einsum", "xla", "cudnn")
@@ -230,11 +231,11 @@ class Attention(nn.Module):
     hd = d // self.num_heads
     dense = functools.partial(Dense, kernel_init=xavier_uniform, dtype=self.dtype,
                               param_dtype=self.param_dtype)
-    qkv = dense(3 * d, use_bias=False, name="qkv")(x)
     q_bias = self.param("q_bias", nn.initializers.zeros, (d,), self.param_dtype)
     v_bias = self.param("v_bias", nn.initializers.zeros, (d,), self.param_dtype)
-    bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(self.dtype)
-    qkv = (qkv + bias).reshape(b, n, 3, self.num_heads, hd)
+    bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+    qkv = dense(3 * d, use_bias=False, name="qkv")(x, bias)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
     impl = resolve_attention_impl(self.implementation, self.dtype)
     if impl == "cpu_fused":
       from videomae_jax.models import cpu_attention

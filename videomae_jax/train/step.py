@@ -91,15 +91,20 @@ def make_train_step(model: VideoMAEPretrain, tx: optax.GradientTransformation,
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    def apply(params_opt):
+      params, opt_state = params_opt
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # A branch, not a select: the update runs in place on the donated buffers.
+    new_params, new_opt_state = jax.lax.cond(finite, apply, lambda po: po,
+                                             (state.params, state.opt_state))
     # Skipped steps apply no update, so the schedule has advanced by the applied ones only.
     applied = state.step - state.nonfinite_total
     new_state = TrainState(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
+        params=new_params,
+        opt_state=new_opt_state,
         nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1),
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
     metrics = {
