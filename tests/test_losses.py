@@ -1,4 +1,5 @@
 """Targets against an independent numpy implementation of the reference's formulas."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -41,6 +42,24 @@ def test_targets_match_numpy(norm_pix):
   video = rng.normal(size=(2, 4, 8, 12, 3)).astype(np.float32)
   got = np.asarray(losses.targets(video, tubelet_size=2, patch_size=4, norm_pix=norm_pix))
   np.testing.assert_allclose(got, numpy_targets(video, 2, 4, norm_pix), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_uint8_clips_give_the_targets_and_loss_of_the_normalised_input(norm_pix):
+  """The train step builds targets straight from the uint8 clip (pixel / 255, the reference's
+  [0, 1] values); that equals going through the ImageNet-normalised float input."""
+  rng = np.random.default_rng(1)
+  u8 = rng.integers(0, 256, (2, 4, 8, 12, 3), dtype=np.uint8)
+  video = normalize(u8)
+  np.testing.assert_allclose(
+      np.asarray(losses.targets(u8, tubelet_size=2, patch_size=4, norm_pix=norm_pix)),
+      numpy_targets(np.asarray(video), 2, 4, norm_pix), atol=3e-5, rtol=1e-5)
+  mask = masking.tube_mask(jax.random.key(0), 2, (2, 2, 3), 0.5)
+  pred = jnp.asarray(rng.normal(size=(2, mask.masked_idx.shape[1], 96)), jnp.float32)
+  kw = dict(tubelet_size=2, patch_size=4)
+  np.testing.assert_allclose(losses.reconstruction_loss(u8, pred, mask, norm_pix, **kw),
+                             losses.reconstruction_loss(video, pred, mask, norm_pix, **kw),
+                             rtol=1e-5)
 
 
 def test_loss_is_mse_over_masked_tokens_only():

@@ -60,37 +60,6 @@ def layer_norm(eps: float, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
 
-class CubeEmbed(nn.Module):
-  """Tubelet embedding: a Conv3d with kernel = stride = (tubelet, p, p) over (B, T, H, W, C).
-
-  Computed as patchify + one matmul, which is the same arithmetic as the strided conv and maps
-  to a plain GEMM on every backend. The kernel keeps the conv layout (kt, p, p, C, D).
-  """
-
-  embed_dim: int
-  patch_size: int
-  tubelet_size: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, video: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
-    """Embeds every tubelet, or with ``token_idx`` (B, K) only those tokens: the result is the
-    same for them, and the encoder never needs the masked ones (90% of the GEMM saved)."""
-    b, t, h, w, c = video.shape
-    kt, p = self.tubelet_size, self.patch_size
-    fan_in = c * kt * p * p
-    kernel = self.param("kernel", torch_default_kernel_init, (kt, p, p, c, self.embed_dim),
-                        self.param_dtype)
-    bias = self.param("bias", torch_default_bias_init(fan_in), (self.embed_dim,), self.param_dtype)
-    x = video.reshape(b, t // kt, kt, h // p, p, w // p, p, c)
-    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, fan_in)
-    if token_idx is not None:
-      x = jnp.take_along_axis(x, token_idx[..., None], axis=1)
-    x = jnp.dot(x.astype(self.dtype), kernel.reshape(fan_in, self.embed_dim).astype(self.dtype))
-    return x + bias.astype(self.dtype)
-
-
 def _contract(a: jax.Array, b: jax.Array, a_dim: int, b_dim: int) -> jax.Array:
   """a . b over one axis of each, float32 accumulation; no explicit transposes."""
   dims = (((a_dim % a.ndim,), (b_dim % b.ndim,)), ((), ()))
@@ -121,12 +90,27 @@ def _linear_bwd(dtype, res, g):
   g = g.astype(dtype)
   dx = _contract(g, w.astype(dtype), -1, 1).astype(x.dtype)
   g2 = g.reshape(-1, g.shape[-1])
-  dw = _contract(x.reshape(-1, x.shape[-1]), g2, 0, 0).astype(w.dtype)
-  db = None if b is None else _contract(jnp.ones(g2.shape[:1], dtype), g2, 0, 0).astype(b.dtype)
+  # dW = x^T g through an explicit transpose: XLA:CPU runs a dot contracting both operands'
+  # leading axis (and any matrix-vector dot) as a float32 Eigen dot on upcast copies, the
+  # (K, M) . (M, F) form natively in bf16. db rides along as a row of ones under x^T; the barrier
+  # keeps XLA from folding the transpose back into the dot.
+  xt = x.reshape(-1, x.shape[-1]).T
+  if b is not None:
+    xt = jnp.concatenate([xt, jnp.ones((1, xt.shape[1]), xt.dtype)])
+  dwb = _contract(jax.lax.optimization_barrier(xt), g2, 1, 0)
+  dw = dwb[:w.shape[0]].astype(w.dtype)
+  db = None if b is None else dwb[w.shape[0]].astype(b.dtype)
   return dx, dw, db
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _dense_params(mdl: nn.Module, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+  kernel = mdl.param("kernel", mdl.kernel_init, (in_features, mdl.features), mdl.param_dtype)
+  bias = mdl.param("bias", mdl.bias_init, (mdl.features,), mdl.param_dtype) if mdl.use_bias \
+      else None
+  return kernel, bias
 
 
 class Dense(nn.Module):
@@ -142,11 +126,55 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+    kernel, own_bias = _dense_params(self, x.shape[-1])
+    return linear(x.astype(self.dtype), kernel, own_bias if self.use_bias else bias,
+                  jnp.dtype(self.dtype))
+
+
+class DenseParams(nn.Module):
+  """A :class:`Dense` layer's ``(kernel, bias)`` without applying them, for functions that fuse
+  several layers (same param names)."""
+
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable = torch_default_kernel_init
+  bias_init: Callable = nn.initializers.zeros
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+    return _dense_params(self, in_features)
+
+
+class CubeEmbed(nn.Module):
+  """Tubelet embedding: a Conv3d with kernel = stride = (tubelet, p, p) over (B, T, H, W, C).
+
+  Computed as patchify + one matmul, which is the same arithmetic as the strided conv and maps
+  to a plain GEMM on every backend. The kernel keeps the conv layout (kt, p, p, C, D).
+  """
+
+  embed_dim: int
+  patch_size: int
+  tubelet_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, video: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
+    """Embeds every tubelet, or with ``token_idx`` (B, K) only those tokens: the result is the
+    same for them, and the encoder never needs the masked ones (90% of the GEMM saved)."""
+    b, t, h, w, c = video.shape
+    kt, p = self.tubelet_size, self.patch_size
+    fan_in = c * kt * p * p
+    kernel = self.param("kernel", torch_default_kernel_init, (kt, p, p, c, self.embed_dim),
                         self.param_dtype)
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    return linear(x.astype(self.dtype), kernel, bias, jnp.dtype(self.dtype))
+    bias = self.param("bias", torch_default_bias_init(fan_in), (self.embed_dim,), self.param_dtype)
+    x = video.reshape(b, t // kt, kt, h // p, p, w // p, p, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, fan_in)
+    if token_idx is not None:
+      x = jnp.take_along_axis(x, token_idx[..., None], axis=1)
+    return linear(x.astype(self.dtype), kernel.reshape(fan_in, self.embed_dim), bias,
+                  jnp.dtype(self.dtype))
 
 
 ATTENTION_IMPLS = ("cpu_fused", "einsum", "xla", "cudnn")
@@ -274,8 +302,32 @@ def _gelu_bwd(x, g):
 gelu_erf.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array,
+        dtype: Dtype) -> jax.Array:
+  """fc2(gelu(fc1(x))) with :func:`linear` layers, keeping only x and fc1's output for the
+  backward pass: the GELU output (as wide as fc1's) is recomputed there, not stored."""
+  return linear(gelu_erf(linear(x, w1, b1, dtype)), w2, b2, dtype)
+
+
+def _mlp_fwd(x, w1, b1, w2, b2, dtype):
+  h = linear(x, w1, b1, dtype)
+  return linear(gelu_erf(h), w2, b2, dtype), (x, h, w1, b1, w2, b2)
+
+
+def _mlp_bwd(dtype, res, g):
+  x, h, w1, b1, w2, b2 = res
+  da, dw2, db2 = _linear_bwd(dtype, (gelu_erf(h), w2, b2), g)
+  (dh,) = _gelu_bwd(h, da)
+  dx, dw1, db1 = _linear_bwd(dtype, (x, w1, b1), dh)
+  return dx, dw1, db1, dw2, db2
+
+
+mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
 class Mlp(nn.Module):
-  """fc1 -> exact (erf) GELU -> fc2."""
+  """fc1 -> exact (erf) GELU -> fc2, as one :func:`mlp`."""
 
   hidden_dim: int
   dtype: Dtype = jnp.float32
@@ -284,11 +336,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    dense = functools.partial(Dense, kernel_init=xavier_uniform, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
-    x = dense(self.hidden_dim, name="fc1")(x)
-    x = gelu_erf(x)
-    return dense(d, name="fc2")(x)
+    params = functools.partial(DenseParams, kernel_init=xavier_uniform,
+                               param_dtype=self.param_dtype)
+    w1, b1 = params(self.hidden_dim, name="fc1")(d)
+    w2, b2 = params(d, name="fc2")(self.hidden_dim)
+    return mlp(x.astype(self.dtype), w1, b1, w2, b2, jnp.dtype(self.dtype))
 
 
 def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array) -> jax.Array:

@@ -63,7 +63,8 @@ def make_train_step(model: VideoMAEPretrain, tx: optax.GradientTransformation,
     mask, dmask = draw_masks(mask_rng, video.shape[0], model, mask_cfg)
     pred = model.apply({"params": params}, video, mask, dmask, train=True,
                        rngs={"dropout": drop_rng})
-    return losses.reconstruction_loss(video, pred, mask, norm_pix,
+    # Targets from the uint8 pixels: exact [0, 1] values whatever the compute dtype.
+    return losses.reconstruction_loss(video_u8, pred, mask, norm_pix,
                                       tubelet_size=model.tubelet_size,
                                       patch_size=model.patch_size, decoder_mask=dmask)
 
@@ -111,7 +112,9 @@ def make_train_step(model: VideoMAEPretrain, tx: optax.GradientTransformation,
         "loss": loss,
         "grad_norm": grad_norm,
         "lr": schedule(applied),
-        "param_norm": optax.tree.norm(state.params),
+        # Of the updated params: a norm of the old ones would be read after the in-place
+        # update and make XLA copy every parameter first.
+        "param_norm": optax.tree.norm(new_state.params),
         "skipped": (~finite).astype(jnp.int32),
         "nonfinite_in_row": new_state.nonfinite_in_row,
         "nonfinite_total": new_state.nonfinite_total,
