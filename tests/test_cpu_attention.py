@@ -76,6 +76,23 @@ def test_bad_inputs_are_named():
     cpu_attention.attention(jnp.zeros((1, 4, 2, 1, 64), jnp.bfloat16), 1.0)
 
 
+def test_workspace_is_allocated_by_xla():
+  """The kernel's packed operands and scratch are an XLA buffer: they count in the compiled
+  step's memory, and a workspace smaller than the layout needs is refused."""
+  b, n, h, d = 2, 300, 3, 64
+  qkv = jnp.zeros((b, n, 3, h, d), jnp.bfloat16)
+  grad = jax.jit(jax.grad(lambda x: cpu_attention.attention(x, 0.125).astype(jnp.float32).sum()))
+  temp = grad.lower(qkv).compile().memory_analysis().temp_size_in_bytes
+  slots = cpu_attention._slots()
+  assert temp >= cpu_attention.workspace_bytes(b, n, h, d, backward=True, slots=slots)
+  small = jax.ShapeDtypeStruct((64,), jnp.uint8)
+  call = jax.ffi.ffi_call(cpu_attention._FWD, (jax.ShapeDtypeStruct((b, n, h, d), jnp.bfloat16),
+                                               jax.ShapeDtypeStruct((b, h, n), jnp.float32),
+                                               small))
+  with pytest.raises(Exception, match="workspace too small"):
+    jax.block_until_ready(call(qkv, scale=np.float32(0.125), slots=np.int64(slots)))
+
+
 def test_resolution_per_dtype():
   assert layers.resolve_attention_impl(None, jnp.bfloat16) == "cpu_fused"
   assert layers.resolve_attention_impl(None, jnp.float32) == "einsum"

@@ -5,7 +5,8 @@
 // the backward pass returns d(qkv) (B, N, 3, H, D). Work is split into blocks of 64 query rows
 // (forward, dq) and 64 key rows (dk, dv) per (batch, head), so no (N, N) matrix is ever held:
 // a block's scores (64 x N) stay in the core's cache. All matmuls take bfloat16 operands and
-// accumulate in float32 (vdpbf16ps); softmax, the log-sum-exp and dS run in float32.
+// accumulate in float32 (vdpbf16ps); softmax, the log-sum-exp and dS run in float32. Packed
+// operands and per-worker scratch live in a workspace output that XLA allocates.
 //
 // Matmul layout: C[M x Nc] = A[M x K] . B[K x Nc] with A bfloat16 row-major (K even) and B
 // pre-packed into panels of 32 columns with pairs of consecutive k interleaved,
@@ -21,7 +22,6 @@
 #include <limits>
 #include <memory>
 #include <thread>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -164,25 +164,29 @@ inline void StoreBf16(bf16* dst, __m512 v, __mmask16 mask) {
 
 // ---- parallel loop on XLA's intra-op pool ----------------------------------------------------
 
-// Runs f(i) for i in [0, n) on the calling thread and the pool's threads. Items are claimed
-// from a shared counter, and the caller returns once every item is finished; a pool task that
-// starts late finds no item left and touches only the shared counters, so nothing it holds
-// points into the caller's stack when it runs.
+// Runs f(i, slot) for i in [0, n) on the calling thread and up to slots - 1 of the pool's
+// threads; `slot` < slots numbers the worker, for its scratch memory. Items are claimed from a
+// shared counter, and the caller returns once every item is finished; a pool task that starts
+// late finds no item left and touches only the shared counters, so nothing it holds points into
+// the caller's stack when it runs.
 template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t slots, const F& f) {
   struct Counters {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
+    std::atomic<int64_t> workers{0};
   };
   auto counters = std::make_shared<Counters>();
   const F* fn = &f;
   auto work = [counters, fn, n]() {
+    int64_t slot = -1;
     for (int64_t i; (i = counters->next.fetch_add(1)) < n;) {
-      (*fn)(i);
+      if (slot < 0) slot = counters->workers.fetch_add(1);
+      (*fn)(i, slot);
       counters->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  const int64_t helpers = std::min({pool.num_threads(), n - 1, slots - 1});
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
   work();
   while (counters->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
@@ -218,52 +222,94 @@ ffi::Error CheckQkv(const ffi::AnyBuffer& qkv, Dims* dims) {
   dims->d_pad = RoundUp(dims->d, kNR);
   dims->row = 3 * dims->h * dims->d;
   dims->orow = dims->h * dims->d;
-  dims->pack = std::max(dims->n_pad * dims->d_pad, dims->n_pad * dims->d);
+  dims->pack = dims->n_pad * dims->d_pad;
   return ffi::Error::Success();
 }
 
-// Per-thread scratch, grown on demand.
+// Scratch of one worker, carved from the workspace that XLA allocates with the outputs, so that
+// the kernel's memory shows in XLA's buffer assignment and nothing is allocated per call.
 struct Scratch {
-  std::vector<float> s, dp, out;
-  std::vector<bf16> p, ds;
-  void Reserve(int64_t n_pad, int64_t d_pad) {
-    const size_t big = static_cast<size_t>(kBlock * n_pad);
-    if (s.size() < big) { s.resize(big); dp.resize(big); p.resize(big); ds.resize(big); }
-    const size_t small = static_cast<size_t>(kBlock * d_pad);
-    if (out.size() < small) out.resize(small);
+  float* s;    // scores (kBlock x n_pad)
+  float* dp;   // dP (backward)
+  float* out;  // kBlock x d_pad
+  bf16* p;     // probabilities
+  bf16* ds;    // dS (backward)
+};
+
+// Workspace layout: packed operands, then delta (backward), then one scratch slot per worker.
+// cpu_attention.workspace_bytes in Python computes the same sizes.
+struct Workspace {
+  bool backward;
+  int64_t big, small, packs_bytes, delta_bytes, slot_bytes;
+  Workspace(const Dims& dm, bool backward_) : backward(backward_) {
+    const int64_t bh = dm.b * dm.h;
+    big = kBlock * dm.n_pad;
+    small = kBlock * dm.d_pad;
+    packs_bytes = (backward ? 7 : 2) * bh * dm.pack * 2;
+    delta_bytes = backward ? RoundUp(bh * dm.n * 4, 64) : 0;
+    slot_bytes = (backward ? 2 : 1) * big * (4 + 2) + small * 4;
+  }
+  int64_t Total(int64_t slots) const { return packs_bytes + delta_bytes + slots * slot_bytes; }
+  bf16* Pack(char* base, int64_t i, const Dims& dm) const {
+    return reinterpret_cast<bf16*>(base) + i * dm.pack;
+  }
+  float* Delta(char* base) const { return reinterpret_cast<float*>(base + packs_bytes); }
+  Scratch Slot(char* base, int64_t i) const {
+    char* at = base + packs_bytes + delta_bytes + i * slot_bytes;
+    Scratch sc{};
+    sc.s = reinterpret_cast<float*>(at);
+    at += big * 4;
+    if (backward) {
+      sc.dp = reinterpret_cast<float*>(at);
+      at += big * 4;
+    }
+    sc.out = reinterpret_cast<float*>(at);
+    at += small * 4;
+    sc.p = reinterpret_cast<bf16*>(at);
+    at += big * 2;
+    if (backward) sc.ds = reinterpret_cast<bf16*>(at);
+    return sc;
   }
 };
-thread_local Scratch scratch;
+
+ffi::Error CheckWorkspace(const ffi::AnyBuffer& ws, const Workspace& layout, int64_t slots) {
+  if (slots < 1 || static_cast<int64_t>(ws.size_bytes()) < layout.Total(slots))
+    return ffi::Error::InvalidArgument("cpu_attention: workspace too small for its slots");
+  return ffi::Error::Success();
+}
 
 // ---- forward ---------------------------------------------------------------------------------
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer qkv_buf, float scale,
-                   ffi::Result<ffi::AnyBuffer> o_buf, ffi::Result<ffi::AnyBuffer> lse_buf) {
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer qkv_buf, float scale, int64_t slots,
+                   ffi::Result<ffi::AnyBuffer> o_buf, ffi::Result<ffi::AnyBuffer> lse_buf,
+                   ffi::Result<ffi::AnyBuffer> ws_buf) {
   Dims dm;
   if (auto err = CheckQkv(qkv_buf, &dm); err.failure()) return err;
+  const Workspace layout(dm, /*backward=*/false);
+  if (auto err = CheckWorkspace(*ws_buf, layout, slots); err.failure()) return err;
+  char* ws = reinterpret_cast<char*>(ws_buf->untyped_data());
   const bf16* qkv = reinterpret_cast<const bf16*>(qkv_buf.untyped_data());
   bf16* o = reinterpret_cast<bf16*>(o_buf->untyped_data());
   float* lse = reinterpret_cast<float*>(lse_buf->untyped_data());
   const int64_t bh = dm.b * dm.h;
 
   // K^T (panels over keys, pairs over d) and V (pairs over keys, panels over d) per (b, h).
-  std::vector<bf16> kt(bh * dm.pack), vn(bh * dm.pack);
-  ParallelFor(pool, bh, [&](int64_t i) {
+  auto kt = [&](int64_t i) { return layout.Pack(ws, i, dm); };
+  auto vn = [&](int64_t i) { return layout.Pack(ws, bh + i, dm); };
+  ParallelFor(pool, bh, slots, [&](int64_t i, int64_t) {
     const int64_t bi = i / dm.h, hi = i % dm.h;
-    PackTransposed(dm.q(qkv, bi, hi, 0, 1), dm.row, dm.n, dm.d, kt.data() + i * dm.pack);
-    PackNormal(dm.q(qkv, bi, hi, 0, 2), dm.row, dm.n, dm.n_pad, dm.d, vn.data() + i * dm.pack);
+    PackTransposed(dm.q(qkv, bi, hi, 0, 1), dm.row, dm.n, dm.d, kt(i));
+    PackNormal(dm.q(qkv, bi, hi, 0, 2), dm.row, dm.n, dm.n_pad, dm.d, vn(i));
   });
 
   const int64_t blocks = (dm.n + kBlock - 1) / kBlock;
-  ParallelFor(pool, bh * blocks, [&](int64_t task) {
+  ParallelFor(pool, bh * blocks, slots, [&](int64_t task, int64_t slot) {
     const int64_t i = task / blocks, q0 = (task % blocks) * kBlock;
     const int64_t bi = i / dm.h, hi = i % dm.h, m = std::min<int64_t>(kBlock, dm.n - q0);
-    Scratch& ws = scratch;
-    ws.Reserve(dm.n_pad, dm.d_pad);
-    float* s = ws.s.data();
-    bf16* p = ws.p.data();
-    Gemm(dm.q(qkv, bi, hi, q0, 0), dm.row, m, kt.data() + i * dm.pack, dm.d / 2, dm.n, s,
-         dm.n_pad);
+    const Scratch sc = layout.Slot(ws, slot);
+    float* s = sc.s;
+    bf16* p = sc.p;
+    Gemm(dm.q(qkv, bi, hi, q0, 0), dm.row, m, kt(i), dm.d / 2, dm.n, s, dm.n_pad);
     const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t r = 0; r < m; ++r) {
       float* sr = s + r * dm.n_pad;
@@ -293,8 +339,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer qkv_buf, float scale,
       }
       lse[i * dm.n + q0 + r] = mx + std::log(sum);
     }
-    float* out = ws.out.data();
-    Gemm(p, dm.n_pad, m, vn.data() + i * dm.pack, dm.n_pad / 2, dm.d, out, dm.d_pad);
+    float* out = sc.out;
+    Gemm(p, dm.n_pad, m, vn(i), dm.n_pad / 2, dm.d, out, dm.d_pad);
     for (int64_t r = 0; r < m; ++r) {
       bf16* orow = o + (bi * dm.n + q0 + r) * dm.orow + hi * dm.d;
       for (int64_t c = 0; c < dm.d; c += 16)
@@ -307,10 +353,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer qkv_buf, float scale,
 // ---- backward --------------------------------------------------------------------------------
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer qkv_buf, ffi::AnyBuffer o_buf,
-                    ffi::AnyBuffer lse_buf, ffi::AnyBuffer do_buf, float scale,
-                    ffi::Result<ffi::AnyBuffer> dqkv_buf) {
+                    ffi::AnyBuffer lse_buf, ffi::AnyBuffer do_buf, float scale, int64_t slots,
+                    ffi::Result<ffi::AnyBuffer> dqkv_buf, ffi::Result<ffi::AnyBuffer> ws_buf) {
   Dims dm;
   if (auto err = CheckQkv(qkv_buf, &dm); err.failure()) return err;
+  const Workspace layout(dm, /*backward=*/true);
+  if (auto err = CheckWorkspace(*ws_buf, layout, slots); err.failure()) return err;
+  char* ws = reinterpret_cast<char*>(ws_buf->untyped_data());
   if (o_buf.element_type() != ffi::DataType::BF16 || do_buf.element_type() != ffi::DataType::BF16)
     return ffi::Error::InvalidArgument("cpu_attention: o and do must be bfloat16");
   const bf16* qkv = reinterpret_cast<const bf16*>(qkv_buf.untyped_data());
@@ -318,14 +367,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer qkv_buf, ffi::AnyBuffer
   const bf16* dout = reinterpret_cast<const bf16*>(do_buf.untyped_data());
   const float* lse = reinterpret_cast<const float*>(lse_buf.untyped_data());
   bf16* dqkv = reinterpret_cast<bf16*>(dqkv_buf->untyped_data());
-  const int64_t bh = dm.b * dm.h, pk = dm.pack;
+  const int64_t bh = dm.b * dm.h;
 
   // Packed operands per (b, h): t = transposed form (pairs over d), n = normal form.
-  enum { kKt, kVt, kKn, kQt, kQn, kDOt, kDOn, kNumPacks };
-  std::vector<bf16> packs(static_cast<size_t>(kNumPacks) * bh * pk);
-  std::vector<float> delta(bh * dm.n);
-  auto pack_at = [&](int which, int64_t i) { return packs.data() + (which * bh + i) * pk; };
-  ParallelFor(pool, bh, [&](int64_t i) {
+  enum { kKt, kVt, kKn, kQt, kQn, kDOt, kDOn };
+  auto pack_at = [&](int which, int64_t i) { return layout.Pack(ws, which * bh + i, dm); };
+  float* delta = layout.Delta(ws);
+  ParallelFor(pool, bh, slots, [&](int64_t i, int64_t) {
     const int64_t bi = i / dm.h, hi = i % dm.h;
     const bf16* q = dm.q(qkv, bi, hi, 0, 0);
     const bf16* k = dm.q(qkv, bi, hi, 0, 1);
@@ -351,19 +399,18 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer qkv_buf, ffi::AnyBuffer
   const __m512 vscale = _mm512_set1_ps(scale);
   // Tasks [0, bh*blocks): dq of one query block. Tasks [bh*blocks, 2*bh*blocks): dk, dv of one
   // key block, computed from the transposed scores S^T = K Q^T so that no operand is transposed.
-  ParallelFor(pool, 2 * bh * blocks, [&](int64_t task) {
+  ParallelFor(pool, 2 * bh * blocks, slots, [&](int64_t task, int64_t slot) {
     const bool key_side = task >= bh * blocks;
     if (key_side) task -= bh * blocks;
     const int64_t i = task / blocks, r0 = (task % blocks) * kBlock;
     const int64_t bi = i / dm.h, hi = i % dm.h, m = std::min<int64_t>(kBlock, dm.n - r0);
-    Scratch& ws = scratch;
-    ws.Reserve(dm.n_pad, dm.d_pad);
-    float* s = ws.s.data();
-    float* dp = ws.dp.data();
-    bf16* p = ws.p.data();
-    bf16* ds = ws.ds.data();
+    const Scratch sc = layout.Slot(ws, slot);
+    float* s = sc.s;
+    float* dp = sc.dp;
+    bf16* p = sc.p;
+    bf16* ds = sc.ds;
     const float* lse_i = lse + i * dm.n;
-    const float* delta_i = delta.data() + i * dm.n;
+    const float* delta_i = delta + i * dm.n;
     if (!key_side) {
       // S = Q_blk K^T, dP = dO_blk V^T; rows are queries.
       Gemm(dm.q(qkv, bi, hi, r0, 0), dm.row, m, pack_at(kKt, i), dm.d / 2, dm.n, s, dm.n_pad);
@@ -380,7 +427,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer qkv_buf, ffi::AnyBuffer
           StoreBf16(ds + r * dm.n_pad + j, _mm512_maskz_mov_ps(mk, dsv), 0xffff);
         }
       }
-      float* out = ws.out.data();
+      float* out = sc.out;
       Gemm(ds, dm.n_pad, m, pack_at(kKn, i), dm.n_pad / 2, dm.d, out, dm.d_pad);
       for (int64_t r = 0; r < m; ++r) {
         bf16* dst = dqkv + (bi * dm.n + r0 + r) * dm.row + hi * dm.d;
@@ -404,7 +451,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer qkv_buf, ffi::AnyBuffer
           StoreBf16(ds + r * dm.n_pad + j, _mm512_maskz_mov_ps(mk, dsv), 0xffff);
         }
       }
-      float* out = ws.out.data();
+      float* out = sc.out;
       Gemm(p, dm.n_pad, m, pack_at(kDOn, i), dm.n_pad / 2, dm.d, out, dm.d_pad);  // dV
       for (int64_t r = 0; r < m; ++r) {
         bf16* dst = dqkv + (bi * dm.n + r0 + r) * dm.row + 2 * dm.h * dm.d + hi * dm.d;
@@ -430,6 +477,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VideomaeAttentionFwd, Forward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<float>("scale")
+                                  .Attr<int64_t>("slots")
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
@@ -441,4 +490,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VideomaeAttentionBwd, Backward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<float>("scale")
+                                  .Attr<int64_t>("slots")
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());

@@ -6,6 +6,9 @@ computes one block of 64 query (or key) rows at a time with the scores in cache,
 and float32 accumulation, for the forward and the backward pass (FlashAttention-2 split:
 dq per query block, dk/dv per key block, probabilities recomputed from the saved log-sum-exp).
 
+Its packed operands and per-worker scratch are a workspace output of the custom call, so XLA
+allocates them and counts them in the step's memory (``workspace_bytes``).
+
 The kernel is compiled from source with the system C++ compiler (``$CXX``, default ``g++``) on
 first use and cached under ``$VIDEOMAE_JAX_CACHE`` (default ``~/.cache/videomae_jax``), keyed by
 the source, the jaxlib version and the flags. Where the CPU lacks AVX512-BF16, or no compiler is
@@ -32,6 +35,7 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl",
              "-mavx512bf16", "-mfma", "-w")
 _FWD, _BWD = "videomae_attention_fwd", "videomae_attention_bwd"
+_BLOCK = 64  # query / key rows per task (kBlock)
 _registered: list[ctypes.CDLL] = []  # the library whose handlers XLA holds
 
 
@@ -114,14 +118,40 @@ def _check(qkv: jax.Array) -> None:
     raise ValueError(f"cpu_attention: head dim {qkv.shape[-1]} is odd; the kernel needs pairs")
 
 
+def _slots() -> int:
+  """Workers one call may use: XLA:CPU's intra-op pool has one thread per usable core."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def workspace_bytes(b: int, n: int, h: int, d: int, *, backward: bool, slots: int) -> int:
+  """Bytes of the kernel's workspace (packed operands + per-worker scratch); the layout of
+  ``Workspace`` in cpu_attention.cc."""
+  rup = lambda x, m: -(-x // m) * m
+  n_pad, d_pad, bh = rup(n, 32), rup(d, 32), b * h
+  big = _BLOCK * n_pad
+  packs = (7 if backward else 2) * bh * n_pad * d_pad * 2
+  delta = rup(bh * n * 4, 64) if backward else 0
+  slot = (2 if backward else 1) * big * (4 + 2) + _BLOCK * d_pad * 4
+  return packs + delta + slots * slot
+
+
+def _workspace(shape, backward: bool):
+  b, n, _, h, d = shape
+  slots = _slots()
+  size = workspace_bytes(b, n, h, d, backward=backward, slots=slots)
+  return jax.ShapeDtypeStruct((size,), jnp.uint8), np.int64(slots)
+
+
 def _forward(qkv: jax.Array, scale: float):
   _check(qkv)
   _require()
   b, n, _, h, d = qkv.shape
-  return jax.ffi.ffi_call(
+  ws, slots = _workspace(qkv.shape, backward=False)
+  o, lse, _ = jax.ffi.ffi_call(
       _FWD, (jax.ShapeDtypeStruct((b, n, h, d), jnp.bfloat16),
-             jax.ShapeDtypeStruct((b, h, n), jnp.float32)),
-      vmap_method="sequential")(qkv, scale=np.float32(scale))
+             jax.ShapeDtypeStruct((b, h, n), jnp.float32), ws),
+      vmap_method="sequential")(qkv, scale=np.float32(scale), slots=slots)
+  return o, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -138,9 +168,11 @@ def _attention_fwd(qkv, scale):
 
 def _attention_bwd(scale, res, do):
   qkv, o, lse = res
-  dqkv = jax.ffi.ffi_call(_BWD, jax.ShapeDtypeStruct(qkv.shape, jnp.bfloat16),
-                          vmap_method="sequential")(
-                              qkv, o, lse, do.astype(jnp.bfloat16), scale=np.float32(scale))
+  ws, slots = _workspace(qkv.shape, backward=True)
+  dqkv, _ = jax.ffi.ffi_call(_BWD, (jax.ShapeDtypeStruct(qkv.shape, jnp.bfloat16), ws),
+                             vmap_method="sequential")(
+                                 qkv, o, lse, do.astype(jnp.bfloat16), scale=np.float32(scale),
+                                 slots=slots)
   return (dqkv,)
 
 
