@@ -307,7 +307,7 @@ def run_case(args, case: Case) -> dict[str, Any]:
       sides[label] = jx
       res["jax"][label] = dict(
           variant=variant, decoder_masking=dm, dtype=config.model.dtype,
-          attention_impl=str(layers.resolve_attention_impl(model.attention_impl)),
+          attention_impl=str(layers.resolve_attention_impl(model.attention_impl, model.dtype)),
           attention_remat=model.attention_remat, params=jx.param_count,
           train_gflop_per_clip=flops_lib.train_flops(
               model, config.mask.ratio, dec_ratio, config.mask.type) / 1e9,
@@ -383,8 +383,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--mask-ratio", type=float, default=0.9)
   p.add_argument("--decoder-masking", default="both", choices=["none", "run_cell", "both"],
                  help="VideoMAE V2 decoder masking on the JAX side (the HF model has none)")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                 help="JAX compute dtype (params, LayerNorm, softmax and loss stay float32)")
+  p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                 help="JAX compute dtype (params, LayerNorm, softmax and loss stay float32); "
+                      "bfloat16 is the mixed precision of the reference's recipes")
   p.add_argument("--attention-impl", default=None,
                  help="model attention_impl (default: resolved per backend)")
   p.add_argument("--remat", action="store_true")

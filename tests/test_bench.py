@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from videomae_jax import flops, masking
-from videomae_jax.models import VideoMAEPretrain, preset
+from videomae_jax.models import VideoMAEPretrain, cpu_attention, preset
 from videomae_jax.train import config as config_lib
 from videomae_jax.train import optim, step as step_lib
 
@@ -42,7 +42,10 @@ def test_train_step_bench_tiny(tmp_path):
   for j in r["jax"].values():
     assert j["clips_s"] > 0 and j["gflops"] > 0 and j["ratio"] > 0
     assert j["peak_mib"] > 0 and j["xla_peak_mib"] > 0
-    assert j["attention_impl"] == "einsum"  # resolved for the CPU backend
+    # bf16 compute by default, attention resolved for the CPU backend
+    assert j["dtype"] == "bfloat16"
+    assert j["attention_impl"] == ("einsum" if cpu_attention.unavailable_reason() else
+                                   "cpu_fused")
   # V2 decoder masking reconstructs fewer tokens: fewer FLOPs per clip.
   assert r["jax"]["run_cell"]["train_gflop_per_clip"] < r["jax"]["none"]["train_gflop_per_clip"]
   assert r["hf"]["clips_s"] > 0 and r["hf"]["peak_mib"] > 0

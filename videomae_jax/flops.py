@@ -93,7 +93,9 @@ def recompute_flops(cfg, mask_ratio: float = 0.9, decoder_mask_ratio: float | No
   """Forward matmuls the backward pass runs again under the model's remat knobs, per clip.
 
   Block remat recomputes what its policy does not save; attention remat (einsum path) recomputes
-  q k^T (probs v is not needed for the gradients).
+  q k^T (probs v is not needed for the gradients). The fused CPU kernel's backward pass runs
+  seven N^2 matmuls instead of four (q k^T and dO v^T once per query block and again, transposed,
+  per key block): 1.5x the forward attention on top.
   """
   from videomae_jax.models.layers import resolve_attention_impl
   m = _model(cfg)
@@ -109,10 +111,13 @@ def recompute_flops(cfg, mask_ratio: float = 0.9, decoder_mask_ratio: float | No
         dense -= 2 * tok["visible"] * m.embed_dim * m.decoder_embed_dim
         dense -= 2 * tok["predicted"] * m.decoder_embed_dim * m.patch_dim
       extra += (0 if saves_dense else dense) + (0 if saves_attn else f[f"{part}_attn"])
-  if resolve_attention_impl(m.attention_impl) == "einsum":
+  impl = resolve_attention_impl(m.attention_impl, m.dtype)
+  if impl == "einsum":
     parts = {"none": (), "decoder": ("decoder",), "all": ("encoder", "decoder")}
     for part in parts[m.attention_remat]:
       extra += f[f"{part}_attn"] // 2
+  elif impl == "cpu_fused":
+    extra += 3 * (f["encoder_attn"] + f["decoder_attn"]) // 2
   return extra
 
 
