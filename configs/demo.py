@@ -32,6 +32,9 @@ def get_config():
   c.model.decoder_embed_dim = 96
   c.model.decoder_depth = 2
   c.model.decoder_num_heads = 3
+  # bf16 compute, float32 params: bf16 matmuls and the fused attention kernel on CPUs with
+  # AVX512-BF16; on other CPUs the kernel is off and bf16 may be no faster than float32.
+  c.model.dtype = "bfloat16"
 
   c.data.video_dir = sample_video_dir()
   c.data.sampling_rate = 2

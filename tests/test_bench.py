@@ -65,6 +65,18 @@ def test_train_step_bench_variants_without_hf(tmp_path):
   assert r["jax"][labels[1]]["dtype"] == "bfloat16"
 
 
+def test_attention_bench_tiny(tmp_path):
+  path = tmp_path / "attention.json"
+  stdout = _run("attention.py", "--shape", "1,40,2,32", "--steps", "1", "--threads", "1",
+                "--json", str(path))
+  out = json.loads(path.read_text())
+  names = set(out["results"])
+  assert {"jax einsum bfloat16", "jax einsum float32", "torch sdpa float32"} <= names
+  assert ("jax cpu_fused bfloat16" in names) == (cpu_attention.unavailable_reason() is None)
+  assert all(r["ms"] > 0 and r["gflops"] > 0 for r in out["results"].values())
+  assert "| jax einsum float32 |" in stdout
+
+
 def test_scaling_tiny(tmp_path):
   path = tmp_path / "scaling.json"
   stdout = _run("scaling.py", "--tiny", "--json", str(path))
