@@ -124,15 +124,18 @@ def _slots() -> int:
 
 
 def workspace_bytes(b: int, n: int, h: int, d: int, *, backward: bool, slots: int) -> int:
-  """Bytes of the kernel's workspace (packed operands + per-worker scratch); the layout of
-  ``Workspace`` in cpu_attention.cc."""
+  """Bytes of the kernel's workspace (packed operands + per-worker scratch); the layouts of
+  ``Workspace`` and ``BwdWorkspace`` in cpu_attention.cc."""
   rup = lambda x, m: -(-x // m) * m
   n_pad, d_pad, bh = rup(n, 32), rup(d, 32), b * h
-  big = _BLOCK * n_pad
-  packs = (7 if backward else 2) * bh * n_pad * d_pad * 2
-  delta = rup(bh * n * 4, 64) if backward else 0
-  slot = (2 if backward else 1) * big * (4 + 2) + _BLOCK * d_pad * 4
-  return packs + delta + slots * slot
+  pack = n_pad * d_pad
+  if not backward:
+    return 2 * bh * pack * 2 + slots * (_BLOCK * n_pad * 6 + _BLOCK * d_pad * 4)
+  key_blocks = -(-n // _BLOCK)
+  splits = min(key_blocks, max(1, -(-2 * slots // bh)))
+  tile = _BLOCK * _BLOCK
+  slot = 2 * tile * 4 + 3 * tile * 2 + 2 * d_pad * _BLOCK * 4
+  return (5 * bh * pack * 2 + rup(bh * n * 4, 64) + bh * splits * pack * 4 + slots * slot)
 
 
 def _workspace(shape, backward: bool):
