@@ -2,11 +2,12 @@
 //
 // Inputs are the packed projection qkv (B, N, 3, H, D) in bfloat16; the forward pass returns
 // softmax(q k^T * scale) v as (B, N, H, D) bfloat16 plus the row log-sum-exp (B, H, N) float32,
-// the backward pass returns d(qkv) (B, N, 3, H, D). Work is split into blocks of 64 query rows
-// (forward, dq) and 64 key rows (dk, dv) per (batch, head), so no (N, N) matrix is ever held:
-// a block's scores (64 x N) stay in the core's cache. All matmuls take bfloat16 operands and
-// accumulate in float32 (vdpbf16ps); softmax, the log-sum-exp and dS run in float32. Packed
-// operands and per-worker scratch live in a workspace output that XLA allocates.
+// the backward pass returns d(qkv) (B, N, 3, H, D). The forward pass works on blocks of 64 query
+// rows (their 64 x N scores stay in the core's cache); the backward pass on 64 x 64 tiles, one
+// task per (batch, head, range of key blocks) looping over all query blocks. No (N, N) matrix is
+// ever held. All matmuls take bfloat16 operands and accumulate in float32 (vdpbf16ps); softmax,
+// the log-sum-exp and dS run in float32. Packed operands and per-worker scratch live in a
+// workspace output that XLA allocates.
 //
 // Matmul layout: C[M x Nc] = A[M x K] . B[K x Nc] with A bfloat16 row-major (K even) and B
 // pre-packed into panels of 32 columns with pairs of consecutive k interleaved,

@@ -2,9 +2,9 @@
 
 XLA:CPU runs attention as separate batched matmuls with the (B, heads, N, N) scores in
 memory between them, at a fraction of the machine's bf16 matmul rate. ``cpu_attention.cc``
-computes one block of 64 query (or key) rows at a time with the scores in cache, bf16 operands
-and float32 accumulation, for the forward and the backward pass (FlashAttention-2 split:
-dq per query block, dk/dv per key block, probabilities recomputed from the saved log-sum-exp).
+computes blocks of 64 rows at a time with the scores in cache, bf16 operands and float32
+accumulation: the forward pass per query block, the backward pass per (batch, head, key range)
+over 64x64 tiles with the probabilities recomputed from the saved log-sum-exp (FlashAttention-2).
 
 Its packed operands and per-worker scratch are a workspace output of the custom call, so XLA
 allocates them and counts them in the step's memory (``workspace_bytes``).
