@@ -78,7 +78,15 @@ def _build(cxx: str) -> pathlib.Path:
 
 @functools.cache
 def unavailable_reason() -> str | None:
-  """None when the kernel is compiled and registered; otherwise why it cannot be used."""
+  """None when the kernel is compiled and registered; otherwise why it cannot be used (logged
+  once)."""
+  reason = _load()
+  if reason is not None:
+    logging.getLogger(__name__).info("fused CPU attention unavailable: %s", reason)
+  return reason
+
+
+def _load() -> str | None:
   missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
   if missing:
     return f"the CPU lacks {', '.join(missing)}"
@@ -97,10 +105,7 @@ def unavailable_reason() -> str | None:
 
 
 def available() -> bool:
-  reason = unavailable_reason()
-  if reason is not None:
-    logging.getLogger(__name__).info("fused CPU attention unavailable: %s", reason)
-  return reason is None
+  return unavailable_reason() is None
 
 
 def _require() -> None:

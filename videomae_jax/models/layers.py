@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from videomae_jax.models import cpu_attention
+
 Dtype = Any
 
 # PyTorch's default nn.Linear / nn.Conv3d weight init: kaiming_uniform(a=sqrt(5)), i.e.
@@ -114,8 +116,9 @@ def _dense_params(mdl: nn.Module, in_features: int) -> tuple[jax.Array, jax.Arra
 
 
 class Dense(nn.Module):
-  """``nn.Dense`` (same ``kernel``/``bias`` params) through :func:`linear`. ``bias`` given at
-  call time replaces the module's own (for biases held elsewhere, like qkv's q/v biases)."""
+  """``nn.Dense`` (same ``kernel``/``bias`` params) through :func:`linear`. With
+  ``use_bias=False`` a ``bias`` given at call time is added instead (for biases held elsewhere,
+  like qkv's q/v biases)."""
 
   features: int
   use_bias: bool = True
@@ -193,10 +196,9 @@ def resolve_attention_impl(impl: str | None, dtype: Dtype = jnp.float32) -> str 
   if impl is None:
     if jax.default_backend() != "cpu":
       return None
-    if jnp.dtype(dtype) == jnp.bfloat16 and jax.device_count() == 1:
-      from videomae_jax.models import cpu_attention
-      if cpu_attention.available():
-        return "cpu_fused"
+    if (jnp.dtype(dtype) == jnp.bfloat16 and jax.device_count() == 1
+        and cpu_attention.available()):
+      return "cpu_fused"
     return "einsum"
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl={impl!r}: use None, {', '.join(ATTENTION_IMPLS)}")
@@ -266,7 +268,6 @@ class Attention(nn.Module):
     qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
     impl = resolve_attention_impl(self.implementation, self.dtype)
     if impl == "cpu_fused":
-      from videomae_jax.models import cpu_attention
       out = cpu_attention.attention(qkv.astype(jnp.bfloat16), hd**-0.5).astype(self.dtype)
     else:
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -277,29 +278,19 @@ class Attention(nn.Module):
     return dense(d, name="proj")(out.reshape(b, n, d))
 
 
-@jax.custom_vjp
 def gelu_erf(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU that keeps only its input for the backward pass.
-
-  The derivative Phi(x) + x*phi(x) is written with erfc and exp, not the forward's erf, so
-  that XLA neither keeps forward intermediates alive until the backward pass nor merges the
-  two (it otherwise stores several erf/exp buffers of the MLP's widest activation).
-  """
+  """Exact (erf) GELU."""
   return nn.gelu(x, approximate=False)
 
 
-def _gelu_fwd(x):
-  return gelu_erf(x), x
-
-
-def _gelu_bwd(x, g):
+def _gelu_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+  """g * GELU'(x). The derivative Phi(x) + x*phi(x) is written with erfc and exp, not the
+  forward's erf, so that XLA does not merge it with the forward's intermediates and keep them
+  alive until the backward pass."""
   xf = x.astype(jnp.float32)
   cdf = 0.5 * jax.lax.erfc(xf * -np.float32(1 / np.sqrt(2)))
   pdf = jnp.exp(-0.5 * xf * xf) * np.float32(1 / np.sqrt(2 * np.pi))
-  return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype),)
-
-
-gelu_erf.defvjp(_gelu_fwd, _gelu_bwd)
+  return (g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -318,7 +309,7 @@ def _mlp_fwd(x, w1, b1, w2, b2, dtype):
 def _mlp_bwd(dtype, res, g):
   x, h, w1, b1, w2, b2 = res
   da, dw2, db2 = _linear_bwd(dtype, (gelu_erf(h), w2, b2), g)
-  (dh,) = _gelu_bwd(h, da)
+  dh = _gelu_grad(h, da)
   dx, dw1, db1 = _linear_bwd(dtype, (x, w1, b1), dh)
   return dx, dw1, db1, dw2, db2
 
