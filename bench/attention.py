@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.train_step import num_cores, timed  # noqa: E402
 from videomae_jax.models import cpu_attention, layers  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shape", default="2,1568,3,64", help="batch,tokens,heads,head_dim")
   p.add_argument("--steps", type=int, default=7)
-  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+  p.add_argument("--threads", type=int, default=num_cores())
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
@@ -80,10 +80,8 @@ def main(argv=None) -> dict:
     fn()  # compile / warm up
   times = {k: [] for k in sides}
   for _ in range(args.steps):
-    for k, fn in sides.items():
-      t = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - t)
+    for k, fn in sides.items():  # alternate so that machine drift hits all alike
+      times[k].append(timed(fn))
   flop = 6 * 2 * b * h * n * n * d
   out = dict(shape=[b, n, h, d], fused_kernel=cpu_attention.unavailable_reason() or "available",
              results={})
