@@ -171,8 +171,9 @@ def batched_clip_dataset(load_fn: Callable[[int], dict[str, np.ndarray]] | None,
   return ds.with_options(_tf_options(c))
 
 
-def build_pretrain_dataset(data_config, *, global_batch_size: int, process_index: int = 0,
-                           process_count: int = 1, start_step: int = 0) -> PretrainDataset:
+def build_pretrain_dataset(data_config, *, global_batch_size: int,
+                           process_index: int | None = None, process_count: int | None = None,
+                           start_step: int = 0) -> PretrainDataset:
   """The pre-training input pipeline for this host.
 
   Args:
@@ -180,8 +181,8 @@ def build_pretrain_dataset(data_config, *, global_batch_size: int, process_index
     global_batch_size: clips per global batch over all hosts. With
       `num_sample` > 1 each decoded video yields `num_sample` clips, so a batch
       holds global_batch_size / num_sample videos.
-    process_index: this host (`jax.process_index()`).
-    process_count: number of hosts (`jax.process_count()`).
+    process_index: this host; None (default) means `jax.process_index()`.
+    process_count: number of hosts; None (default) means `jax.process_count()`.
     start_step: first step to produce; batches equal those an uninterrupted run
       produces at that step, and skipped steps are not decoded.
 
@@ -189,8 +190,14 @@ def build_pretrain_dataset(data_config, *, global_batch_size: int, process_index
     An endless iterable of host-local batches of global_batch_size /
     process_count clips (see `PretrainDataset`).
   """
-  layout = BatchLayout(global_batch_size, int(data_config.num_sample), process_index,
-                       process_count)
+  if process_index is None or process_count is None:
+    # Resolved at call time: a multi-host caller that omits them must not train
+    # every host on host 0's slice.
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  layout = BatchLayout(global_batch_size, int(data_config.num_sample), int(process_index),
+                       int(process_count))
   if start_step < 0:
     raise ValueError(f'start_step={start_step} < 0')
   stats = BadDataStats()
