@@ -10,8 +10,11 @@ Its packed operands and per-worker scratch are a workspace output of the custom 
 allocates them and counts them in the step's memory (``workspace_bytes``).
 
 The kernel is compiled from source with the system C++ compiler (``$CXX``, default ``g++``) on
-first use and cached under ``$VIDEOMAE_JAX_CACHE`` (default ``~/.cache/videomae_jax``), keyed by
-the source, the jaxlib version and the flags. Where the CPU lacks AVX512-BF16, or no compiler is
+first use and cached under ``$VIDEOMAE_JAX_CACHE`` (default ``~/.cache/videomae_jax``, created
+0700), keyed by the source, the compiler and its version, the jaxlib version and the flags. A
+cached library is loaded only if it and its ``.sha256`` sidecar belong to this user, are not
+group/world-writable and agree; otherwise it is rebuilt. A cache folder that others could write
+to is not used (the kernel is built in a private temporary folder, with a warning). Where the CPU lacks AVX512-BF16, or no compiler is
 found, :func:`unavailable_reason` says why and the model falls back to the XLA einsum path.
 """
 from __future__ import annotations
@@ -23,8 +26,10 @@ import logging
 import os
 import pathlib
 import shutil
+import stat
 import subprocess
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -56,15 +61,83 @@ def _cache_dir() -> pathlib.Path:
   return pathlib.Path(root)
 
 
-def _build(cxx: str) -> pathlib.Path:
+def _private(st: os.stat_result) -> bool:
+  """Owned by this user and not writable by group or others."""
+  return st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+_fallback_dir: list[pathlib.Path] = []
+
+
+def _build_dir() -> pathlib.Path:
+  """The cache folder (created 0700), or, when someone else could write there, a private
+  temporary folder for this process: a library that another user could have replaced is never
+  loaded."""
+  d = _cache_dir()
+  try:
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(d)
+    if stat.S_ISDIR(st.st_mode) and _private(st):
+      return d
+    why = "is not owned by this user or is group/world-writable"
+  except OSError as e:
+    why = f"is not usable ({e})"
+  if not _fallback_dir:
+    _fallback_dir.append(pathlib.Path(tempfile.mkdtemp(prefix="videomae_jax_kernel_")))
+  logging.getLogger(__name__).warning(
+      "$VIDEOMAE_JAX_CACHE folder %s %s; building the fused CPU attention kernel in %s instead",
+      d, why, _fallback_dir[0])
+  return _fallback_dir[0]
+
+
+def _sha256(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(lib: pathlib.Path) -> bool:
+  """True when ``lib`` and its ``.sha256`` sidecar are regular files of this user, not group or
+  world-writable, and the sidecar holds the library's digest."""
+  side = lib.with_name(lib.name + ".sha256")
+  try:
+    for f in (lib, side):
+      st = os.lstat(f)
+      if not stat.S_ISREG(st.st_mode) or not _private(st):
+        return False
+    return side.read_text().strip() == _sha256(lib)
+  except OSError:
+    return False
+
+
+def _compiler_version(cxx: str) -> str:
+  proc = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False)
+  return proc.stdout + proc.stderr
+
+
+def _library_name(cxx: str) -> str:
+  """Keyed by the source, the compiler (path and ``--version``), jaxlib and the flags."""
   import jaxlib
-  src = SOURCE.read_bytes()
-  key = hashlib.sha256(src + jaxlib.__version__.encode() + " ".join(CXX_FLAGS).encode())
-  out = _cache_dir() / f"cpu_attention_{key.hexdigest()[:16]}.so"
-  if out.exists():
-    return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  # Compile to a private name, then rename: concurrent processes never load a partial file.
+  key = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), cxx.encode(), _compiler_version(cxx).encode(),
+               jaxlib.__version__.encode(), " ".join(CXX_FLAGS).encode(),
+               jax.ffi.include_dir().encode()):
+    key.update(hashlib.sha256(part).digest())
+  return f"cpu_attention_{key.hexdigest()[:16]}.so"
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def _compile(cxx: str, out: pathlib.Path) -> None:
+  """Compiles to a private name, renames it to ``out`` (concurrent processes never load a
+  partial file), then writes the digest sidecar, also by rename."""
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
   cmd = [cxx, *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
@@ -72,18 +145,46 @@ def _build(cxx: str) -> pathlib.Path:
   if proc.returncode:
     os.unlink(tmp)
     raise RuntimeError(f"compiling {SOURCE} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+  os.chmod(tmp, 0o700)
+  digest = _sha256(pathlib.Path(tmp))
   os.replace(tmp, out)
-  return out
+  _atomic_write(out.with_name(out.name + ".sha256"), digest.encode())
 
 
-@functools.cache
+def _build(cxx: str) -> pathlib.Path:
+  """The path of a verified library: the cached one, or one compiled now."""
+  out = _build_dir() / _library_name(cxx)
+  for _ in range(3):
+    if _verified(out):
+      return out
+    # Missing, planted or stale: never loaded, always rebuilt. A second pass only happens when
+    # another process renamed its own build over this one in between.
+    _compile(cxx, out)
+  raise RuntimeError(f"{out} kept changing while it was built; not loading it")
+
+
+_lock = threading.Lock()
+_reason: list = []  # the cached result of _load
+
+
 def unavailable_reason() -> str | None:
   """None when the kernel is compiled and registered; otherwise why it cannot be used (logged
-  once)."""
-  reason = _load()
-  if reason is not None:
-    logging.getLogger(__name__).info("fused CPU attention unavailable: %s", reason)
-  return reason
+  once). Thread-safe: concurrent first uses build once."""
+  with _lock:
+    if not _reason:
+      reason = _load()
+      if reason is not None:
+        logging.getLogger(__name__).info("fused CPU attention unavailable: %s", reason)
+      _reason.append(reason)
+    return _reason[0]
+
+
+def _cache_clear() -> None:
+  with _lock:
+    _reason.clear()
+
+
+unavailable_reason.cache_clear = _cache_clear  # as for a functools.cache
 
 
 def _load() -> str | None:
