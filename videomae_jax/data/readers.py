@@ -8,9 +8,15 @@ and vp9 webm, but returns wrong frames (up to ~160 off) on AVI files with
 B-frames (e.g. mpeg4 part 2 AVIs), and may miscount frames in some AVI codecs.
 `SAFE_CONTAINERS` lists the containers decord is trusted with; `reader='auto'`
 uses decord for those and the frame-exact OpenCV reader for everything else.
+
+Every reader decodes with one thread (parallelism comes from decoding many
+clips at once) and calls `checkpoint()` before each frame, so a decode that its
+caller abandoned (see `cancel_current_thread_on`) stops at its next frame and
+closes its file.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from typing import Callable, Protocol
@@ -31,6 +37,46 @@ READERS = ('auto', 'decord', 'pyav', 'opencv')
 
 class DecodeError(RuntimeError):
   """A video that cannot be decoded (corrupt, truncated, empty, unsupported)."""
+
+
+class BackendUnavailable(DecodeError):
+  """The Python module a reader needs (decord, av, cv2) is not installed."""
+
+
+class DecodeCancelled(DecodeError):
+  """The caller gave up on this decode (timeout); raised at the next frame."""
+
+
+# Python module and pip package of each reader.
+_BACKENDS = {'decord': ('decord', 'decord'), 'pyav': ('av', 'av'),
+             'opencv': ('cv2', 'opencv-python-headless')}
+
+
+def import_backend(reader: str, path: str):
+  """The module of `reader`; a missing module is a BackendUnavailable naming `path`."""
+  module, package = _BACKENDS[reader]
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise BackendUnavailable(
+        f"{path}: config.data.reader={reader!r} needs the Python module {module!r}, which "
+        f"does not import ({e}); `pip install {package}` or the extra "
+        f"`pip install 'videomae-jax[data]'`") from None
+
+
+_cancel_state = threading.local()
+
+
+def cancel_current_thread_on(event: threading.Event | None) -> None:
+  """Makes `checkpoint()` in the calling thread raise once `event` is set."""
+  _cancel_state.event = event
+
+
+def checkpoint(path: str) -> None:
+  """Raises DecodeCancelled when this thread's decode was abandoned by its caller."""
+  event = getattr(_cancel_state, 'event', None)
+  if event is not None and event.is_set():
+    raise DecodeCancelled(f'{path}: decode abandoned (decode_timeout_s passed)')
 
 
 class ShortRead(DecodeError):
@@ -56,19 +102,56 @@ _probe_cache: dict[str, tuple[int, int]] = {}
 _probe_lock = threading.Lock()
 
 
-def probe_size(path: str) -> tuple[int, int]:
-  """(w, h) of the first video stream from the container header (cached per path)."""
+def _probe_pyav(path: str) -> tuple[int, int]:
+  av_ = import_backend('pyav', path)
+  try:
+    with av_.open(path, metadata_errors='ignore') as c:
+      if not c.streams.video:
+        raise DecodeError(f'{path}: no video stream')
+      s = c.streams.video[0]
+      return int(s.codec_context.width), int(s.codec_context.height)
+  except av_.error.FFmpegError as e:
+    raise DecodeError(f'{path}: {e}') from e
+
+
+def _probe_decord(path: str) -> tuple[int, int]:
+  decord = import_backend('decord', path)
+  try:
+    vr = decord.VideoReader(path, num_threads=1)
+    h, w = vr.next().shape[:2]  # decord exposes the size only through a frame.
+    del vr
+  except (RuntimeError, decord.DECORDError, StopIteration) as e:
+    raise DecodeError(f'{path}: {e or "no frames"}') from e
+  return int(w), int(h)
+
+
+def _open_capture(path: str):
+  cv2 = import_backend('opencv', path)
+  # One FFmpeg thread: OpenCV's default is one per core, for every open video.
+  return cv2, cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+
+
+def _probe_opencv(path: str) -> tuple[int, int]:
+  cv2, cap = _open_capture(path)
+  try:
+    if not cap.isOpened():
+      raise DecodeError(f'{path}: OpenCV cannot open the file')
+    return int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+  finally:
+    cap.release()
+
+
+_PROBES = {'decord': _probe_decord, 'pyav': _probe_pyav, 'opencv': _probe_opencv}
+
+
+def probe_size(path: str, reader: str = 'pyav') -> tuple[int, int]:
+  """(w, h) of the first video stream, read with `reader` (cached per path).
+
+  Probing with the reader in use means decord or OpenCV alone suffice.
+  """
   size = _probe_cache.get(path)
   if size is None:
-    import av  # pylint: disable=g-import-not-at-top
-    try:
-      with av.open(path, metadata_errors='ignore') as c:
-        if not c.streams.video:
-          raise DecodeError(f'{path}: no video stream')
-        s = c.streams.video[0]
-        size = (int(s.codec_context.width), int(s.codec_context.height))
-    except av.error.FFmpegError as e:
-      raise DecodeError(f'{path}: {e}') from e
+    size = _PROBES[resolve_reader(reader, path)](path)
     if min(size) <= 0:
       raise DecodeError(f'{path}: invalid frame size {size}')
     with _probe_lock:
@@ -88,7 +171,7 @@ class DecordVideo:
 
   def __init__(self, path: str, size: tuple[int, int] | None = None,
                stored_size: tuple[int, int] | None = None):
-    import decord  # pylint: disable=g-import-not-at-top
+    decord = import_backend('decord', path)
     _check_file(path)
     self.path = path
     kw = {'width': size[0], 'height': size[1]} if size else {}
@@ -102,10 +185,18 @@ class DecordVideo:
     self.stored_size = stored_size or size
 
   def get_frames(self, indices: np.ndarray) -> np.ndarray:
+    # One frame per call (same seeks and cost as one batch call) so that an
+    # abandoned decode stops at the next frame; repeats are decoded once.
+    got = {}
     try:
-      frames = self._vr.get_batch(list(map(int, indices))).asnumpy()
+      for i in sorted({int(i) for i in indices}):
+        checkpoint(self.path)
+        got[i] = self._vr.get_batch([i]).asnumpy()[0]
+    except DecodeCancelled:
+      raise
     except Exception as e:  # decord raises DECORDError, IndexError or RuntimeError.
       raise DecodeError(f'{self.path}: {e}') from e
+    frames = np.stack([got[int(i)] for i in indices])
     if self.stored_size is None:
       self.stored_size = (frames.shape[2], frames.shape[1])
     return frames
@@ -118,7 +209,7 @@ class PyAVVideo:
   """PyAV reader: frame-exact by decoding sequentially up to the last sampled frame."""
 
   def __init__(self, path: str, size: tuple[int, int] | None = None):
-    import av  # pylint: disable=g-import-not-at-top
+    av = import_backend('pyav', path)  # pylint: disable=redefined-outer-name
     _check_file(path)
     self.path = path
     self._size = size
@@ -146,7 +237,7 @@ class PyAVVideo:
     self.num_frames = n
 
   def get_frames(self, indices: np.ndarray) -> np.ndarray:
-    import av  # pylint: disable=g-import-not-at-top
+    av = import_backend('pyav', self.path)  # pylint: disable=redefined-outer-name
     wanted = {int(i) for i in indices}
     last = max(wanted)
     got = {}
@@ -154,6 +245,7 @@ class PyAVVideo:
     count = 0
     try:
       for i, frame in enumerate(self._c.decode(self._s)):
+        checkpoint(self.path)
         count = i + 1
         if i in wanted:
           got[i] = frame.to_ndarray(format='rgb24', **kw)
@@ -177,11 +269,10 @@ class OpenCVVideo:
   """
 
   def __init__(self, path: str, size: tuple[int, int] | None = None):
-    import cv2  # pylint: disable=g-import-not-at-top
     _check_file(path)
     self.path = path
     self._size = size
-    self._cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+    cv2, self._cap = _open_capture(path)
     if not self._cap.isOpened():
       raise DecodeError(f'{path}: OpenCV cannot open the file')
     self.num_frames = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))
@@ -199,9 +290,11 @@ class OpenCVVideo:
       raise DecodeError(f'{self.path}: OpenCV cannot seek to frame {pos}')
     for want in order:
       while pos < want:  # grab() decodes without the colour conversion.
+        checkpoint(self.path)
         if not self._cap.grab():
           raise ShortRead(self.path, self._count_frames())
         pos += 1
+      checkpoint(self.path)
       ok, bgr = self._cap.read()
       if not ok:
         raise ShortRead(self.path, self._count_frames())
@@ -214,11 +307,11 @@ class OpenCVVideo:
 
   def _count_frames(self) -> int:
     """Decodable frames, counted from the start (the header count can be wrong)."""
-    import cv2  # pylint: disable=g-import-not-at-top
     self._cap.release()
-    self._cap = cv2.VideoCapture(self.path, cv2.CAP_FFMPEG)
+    _, self._cap = _open_capture(self.path)
     n = 0
     while self._cap.grab():
+      checkpoint(self.path)
       n += 1
     return n
 
@@ -246,7 +339,7 @@ def open_video(path: str, reader: str = 'auto', decode_short_side: int = 0) -> V
   _check_file(path)
   size = stored = None
   if decode_short_side > 0:
-    stored = probe_size(path)
+    stored = probe_size(path, name)
     size = decode_size(*stored, decode_short_side)
   if name == 'decord':
     return DecordVideo(path, size, stored)
@@ -257,8 +350,9 @@ def open_video(path: str, reader: str = 'auto', decode_short_side: int = 0) -> V
 
 def read_all_frames_exact(path: str) -> np.ndarray:
   """Every frame in presentation order by plain sequential PyAV decoding (ground truth)."""
-  import av  # pylint: disable=g-import-not-at-top
+  av = import_backend('pyav', path)  # pylint: disable=redefined-outer-name
   with av.open(path, metadata_errors='ignore') as c:
+    c.streams.video[0].codec_context.thread_count = 1
     return np.stack([f.to_ndarray(format='rgb24') for f in c.decode(video=0)])
 
 
