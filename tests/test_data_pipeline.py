@@ -1,6 +1,9 @@
 """build_pretrain_dataset end to end: shapes, exact frames, resume, sharding, bad data."""
 import itertools
 import os
+import shutil
+import sys
+import threading
 import time
 
 import numpy as np
@@ -171,7 +174,8 @@ def test_decode_timeout_replaces_hung_video(corpus, tmp_path, monkeypatch):
              decode_timeout_s=0.3, max_bad_fraction=0.5)
   decoder = clips_lib.ClipDecoder(data.load_annotation_list(c.train_list), c)
   outs = [decoder.load_example(g) for g in range(4)]
-  assert decoder.stats.timeouts == 1 and slow in decoder.stats.bad_files
+  assert decoder.stats.timeouts == 2 and decoder.stats.retries == 1  # Retried once.
+  assert slow in decoder.stats.bad_files
   assert all(o['index'][0] == 1 for o in outs)
 
 
@@ -218,3 +222,167 @@ def test_process_exits_with_live_iterator(tmp_path):
                      timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
   assert 'shape (2, 8, 64, 64, 3)' in r.stdout
+
+
+def test_host_defaults_come_from_jax(corpus, tmp_path, monkeypatch):
+  # A multi-host caller that omits process_index/process_count gets its own slice.
+  import jax
+  monkeypatch.setattr(jax, 'process_index', lambda *a, **k: 1)
+  monkeypatch.setattr(jax, 'process_count', lambda *a, **k: 2)
+  c = config(train_list=write_list(tmp_path / 'l.txt', [corpus['long_mp4'], corpus['webm']]))
+  ds = data.build_pretrain_dataset(c, global_batch_size=4)
+  assert (ds.layout.process_index, ds.layout.process_count) == (1, 2)
+  assert [b['example'].tolist() for b in take(ds, 2)] == [[2, 3], [6, 7]]
+
+
+def _decode_threads():
+  return sum(t.name == 'video-decode' for t in threading.enumerate())
+
+
+def _decode_threads_after(within_s):
+  """Decode threads still alive after waiting up to `within_s` for them to end."""
+  deadline = time.time() + within_s
+  while _decode_threads() and time.time() < deadline:
+    time.sleep(0.02)
+  return _decode_threads()
+
+
+def _open_fds(path):
+  n = 0
+  for fd in os.listdir('/proc/self/fd'):
+    try:
+      n += os.readlink(f'/proc/self/fd/{fd}') == path
+    except OSError:
+      pass
+  return n
+
+
+class _SlowFrames:
+  """Makes one reader backend spend `per_frame_s` per decoded frame (a stalling disk)."""
+
+  def __init__(self, monkeypatch, reader, per_frame_s):
+    self.frames = 0
+    slow = self
+
+    def tick(n=1):
+      slow.frames += n
+      time.sleep(per_frame_s * n)
+
+    if reader == 'decord':
+      import decord
+
+      class VR(decord.VideoReader):
+        def get_batch(self, indices):
+          tick(len(indices))
+          return super().get_batch(indices)
+
+      monkeypatch.setattr(decord, 'VideoReader', VR)
+    elif reader == 'opencv':
+      import cv2
+      real_capture = cv2.VideoCapture
+
+      class Capture:
+        def __init__(self, *a):
+          self._cap = real_capture(*a)
+
+        def __getattr__(self, name):
+          return getattr(self._cap, name)
+
+        def read(self, *a):
+          tick()
+          return self._cap.read(*a)
+
+      monkeypatch.setattr(cv2, 'VideoCapture', Capture)
+    else:
+      import av
+      real_open = av.open
+
+      class Container:
+        def __init__(self, c):
+          self._c = c
+
+        def __getattr__(self, name):
+          return getattr(self._c, name)
+
+        def __enter__(self):
+          return self
+
+        def __exit__(self, *exc):
+          self._c.close()
+
+        def decode(self, *a, **kw):
+          for f in self._c.decode(*a, **kw):
+            tick()
+            yield f
+
+      monkeypatch.setattr(av, 'open', lambda *a, **kw: Container(real_open(*a, **kw)))
+
+
+@pytest.mark.parametrize('reader', ['decord', 'pyav', 'opencv'])
+def test_timed_out_decode_stops_and_closes_its_file(corpus, tmp_path, monkeypatch, reader):
+  path = str(tmp_path / 'slow.mp4')  # Opened by this test only.
+  shutil.copy(corpus['long_mp4'], path)
+  slow = _SlowFrames(monkeypatch, reader, per_frame_s=0.4)
+  c = config(train_list=write_list(tmp_path / 'l.txt', [path]), reader=reader, num_frames=16,
+             sampling_rate=1, decode_timeout_s=0.3, max_replacements=0, max_bad_fraction=1.0)
+  decoder = clips_lib.ClipDecoder(data.load_annotation_list(c.train_list), c)
+  assert _decode_threads() == 0
+  with pytest.raises(data.BadDataError, match='no decodable video'):
+    decoder.load_example(0)
+  assert decoder.stats.timeouts == 2 and decoder.stats.retries == 1  # Retried once.
+  assert path in decoder.stats.bad_files
+  # Both abandoned decodes stop at their next frame (16 frames would take 6.4 s each).
+  assert _decode_threads_after(within_s=2.0) == 0
+  assert _open_fds(path) == 0
+  assert slow.frames <= 2 * 4, slow.frames
+
+
+def test_transient_stall_is_retried_and_not_blacklisted(corpus, tmp_path, monkeypatch):
+  path = corpus['long_mp4']
+  c = config(train_list=write_list(tmp_path / 'l.txt', [path]), decode_timeout_s=0.5,
+             max_bad_fraction=1.0)
+  records = data.load_annotation_list(c.train_list)
+  want = clips_lib.ClipDecoder(records, c).load_example(3)
+  real_open = readers.open_video
+  calls = []
+
+  def stall_once(p, *a, **kw):
+    calls.append(p)
+    if len(calls) == 1:
+      time.sleep(1.0)
+    return real_open(p, *a, **kw)
+
+  monkeypatch.setattr(readers, 'open_video', stall_once)
+  decoder = clips_lib.ClipDecoder(records, c)
+  got = decoder.load_example(3)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+  s = decoder.stats.summary()
+  assert s['bad_files'] == {} and s['timeouts'] == 1 and s['retries'] == 1
+  assert s['replacements'] == 0 and len(calls) == 2
+
+
+def test_abandoned_decodes_are_capped(corpus, tmp_path, monkeypatch):
+  _SlowFrames(monkeypatch, 'decord', per_frame_s=1.0)
+  paths = [corpus['long_mp4'], corpus['long2_mp4']]
+  c = config(train_list=write_list(tmp_path / 'l.txt', paths), reader='decord',
+             decode_timeout_s=0.2, max_abandoned_decodes=1, max_bad_fraction=1.0)
+  decoder = clips_lib.ClipDecoder(data.load_annotation_list(c.train_list), c)
+  assert _decode_threads_after(within_s=5.0) == 0  # Earlier tests' decodes have stopped.
+  with pytest.raises(data.BadDataError, match='max_abandoned_decodes=1'):
+    decoder.load_example(0)
+  assert decoder.stats.fatal and 'max_abandoned_decodes' in decoder.stats.fatal
+  assert _decode_threads() <= 1
+  assert _decode_threads_after(within_s=3.0) == 0
+
+
+def test_missing_backend_is_a_clear_error(corpus, tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'av', None)
+  monkeypatch.setattr(readers, '_probe_cache', {})
+  lst = write_list(tmp_path / 'l.txt', [corpus['long_mp4']])
+  # decord (and its size probe) does not need PyAV.
+  out = clips_lib.ClipDecoder(data.load_annotation_list(lst),
+                              config(train_list=lst, reader='decord', input_size=32)).load_example(0)
+  assert out['video'].shape == (1, 8, 32, 32, 3)
+  with pytest.raises(readers.DecodeError, match=r"long.mp4.*'av'.*videomae-jax\[data\]"):
+    clips_lib.ClipDecoder(data.load_annotation_list(lst), config(train_list=lst, reader='pyav'))

@@ -46,31 +46,84 @@ def make_clips(video: readers.VideoFile, rng: np.random.Generator, data_config,
   return np.stack(out)
 
 
-def _call_with_timeout(fn: Callable[[], np.ndarray], timeout_s: float) -> np.ndarray:
-  """Runs `fn` in a daemon thread and gives up after `timeout_s`.
+class TimedDecodes:
+  """Runs decodes with a timeout, stops abandoned ones and caps how many still run.
 
-  A hung decoder cannot be killed from Python; its thread is abandoned (daemon,
-  so it never blocks process exit) and the example is replaced.
+  A decode runs in its own daemon thread. After `timeout_s` the caller gives up
+  and sets the decode's cancel event: the readers check it before every frame
+  (`readers.checkpoint`), so the abandoned thread stops at its next frame and
+  closes its file. A thread stuck inside one native call (a stalled read) cannot
+  be stopped from Python; at most `max_abandoned` such threads may be alive at
+  once. A new decode waits up to `timeout_s` for one of them to end, then raises
+  BadDataError: storage that keeps stalling must not pile up threads and files.
   """
-  if not timeout_s or timeout_s <= 0:
-    return fn()
-  result: list = []
 
-  def target():
-    try:
-      result.append((True, fn()))
-    except BaseException as e:  # pylint: disable=broad-except
-      result.append((False, e))
+  def __init__(self, max_abandoned: int, stats: BadDataStats):
+    self.max_abandoned = max(1, int(max_abandoned))
+    self.stats = stats
+    self._cond = threading.Condition()
+    self._abandoned = 0
 
-  t = threading.Thread(target=target, daemon=True, name='video-decode')
-  t.start()
-  t.join(timeout_s)
-  if not result:
-    raise TimeoutError(f'decode did not finish within {timeout_s} s')
-  ok, value = result[0]
-  if not ok:
-    raise value
-  return value
+  @property
+  def abandoned(self) -> int:
+    """Abandoned decodes whose threads are still running."""
+    return self._abandoned
+
+  def _set_abandoned(self, n: int) -> None:
+    self._abandoned = n
+    self.stats.abandoned_running = n
+    self._cond.notify_all()
+
+  def run(self, fn: Callable[[], np.ndarray], timeout_s: float, path: str) -> np.ndarray:
+    if not timeout_s or timeout_s <= 0:
+      return fn()
+    with self._cond:
+      if not self._cond.wait_for(lambda: self._abandoned < self.max_abandoned, timeout_s):
+        msg = (f'{path}: {self._abandoned} decodes abandoned after config.data.'
+               f'decode_timeout_s={timeout_s} are still running (config.data.'
+               f'max_abandoned_decodes={self.max_abandoned}); the storage or decoder keeps '
+               f'stalling')
+        self.stats.fatal = msg
+        raise BadDataError(msg)
+    cancel = threading.Event()
+    state = {'done': False, 'abandoned': False, 'result': None}
+
+    def target():
+      readers.cancel_current_thread_on(cancel)
+      try:
+        outcome = (True, fn())
+      except BaseException as e:  # pylint: disable=broad-except
+        outcome = (False, e)
+      with self._cond:
+        state['done'] = True
+        if state['abandoned']:
+          self._set_abandoned(self._abandoned - 1)
+        else:
+          state['result'] = outcome
+      # Nobody reads an abandoned result: drop it here (its traceback holds
+      # decoder objects) rather than leave it to the garbage collector.
+      del outcome
+
+    t = threading.Thread(target=target, daemon=True, name='video-decode')
+    t.start()
+    t.join(timeout_s)
+    with self._cond:
+      if not state['done']:
+        state['abandoned'] = True
+        cancel.set()
+        self._set_abandoned(self._abandoned + 1)
+        raise TimeoutError(f'decode did not finish within {timeout_s} s')
+    ok, value = state['result']
+    if not ok:
+      raise value
+    return value
+
+
+# Failed decodes of one file are retried this many times before the file counts
+# as bad: a transient stall (NFS, a busy disk) must not blacklist a good file.
+DECODE_RETRIES = 1
+
+_DECODE_ERRORS = (readers.DecodeError, RuntimeError, ValueError, OSError, MemoryError)
 
 
 class ClipDecoder:
@@ -92,11 +145,19 @@ class ClipDecoder:
     self.stats = stats or BadDataStats()
     self.stats.num_files = len(self.records)
     self._short_side = auto_decode_short_side(data_config)
+    self._runner = TimedDecodes(data_config.get('max_abandoned_decodes', 4), self.stats)
+    # A missing decoder module fails here, once, instead of as a bad file per video.
+    first = {}
+    for rec in self.records:
+      first.setdefault(readers.resolve_reader(data_config.reader, rec.path), rec.path)
+    for name, path in first.items():
+      readers.import_backend(name, path)
 
   def _decode(self, path: str, rng_factory: Callable[[], np.random.Generator]) -> np.ndarray:
     c = self.config
     video = readers.open_video(path, c.reader, self._short_side)
     try:
+      readers.checkpoint(path)  # Abandoned while opening: close the file now.
       return make_clips(video, rng_factory(), c)
     except readers.ShortRead as e:
       # The header overstated the frame count: sample again (same randomness)
@@ -106,6 +167,30 @@ class ClipDecoder:
       return make_clips(video, rng_factory(), c, num_frames_override=e.num_frames)
     finally:
       video.close()
+
+  def _decode_with_retry(self, path: str, rng_factory) -> np.ndarray | None:
+    """The clips of `path`, or None once it failed 1 + DECODE_RETRIES times (then bad)."""
+    timeout_s = float(self.config.get('decode_timeout_s', 0))
+    for trial in range(DECODE_RETRIES + 1):
+      timed_out = False
+      try:
+        return self._runner.run(lambda: self._decode(path, rng_factory), timeout_s, path)
+      except readers.BackendUnavailable as e:
+        self.stats.fatal = str(e)  # Not the file's fault: stop, do not skip every video.
+        raise
+      except BadDataError:
+        raise
+      except TimeoutError as e:
+        reason, timed_out = str(e), True
+      except _DECODE_ERRORS as e:
+        reason = f'{type(e).__name__}: {e}'
+      if timed_out:
+        self.stats.record_timeout()
+      if trial < DECODE_RETRIES:
+        self.stats.record_retry(path, reason)
+    self.stats.record_failure(path, reason)
+    self.stats.check(float(self.config.max_bad_fraction))
+    return None
 
   def load_example(self, example: int) -> dict[str, np.ndarray]:
     """Clips of global example `example`: video (S, T, H, W, 3) uint8, label, index, example."""
@@ -120,18 +205,11 @@ class ClipDecoder:
       rec = self.records[vid]
       if self.stats.is_bad(rec.path):
         continue
-      # Attempt-specific stream, separate from the replacement draw above.
+      # Attempt-specific stream, separate from the replacement draw above; a
+      # retry uses the same stream, so its clips equal an undisturbed decode.
       rng_factory = lambda a=attempt: sampling.example_rng(c.seed, epoch, example, 1000 + a)
-      try:
-        clips = _call_with_timeout(lambda: self._decode(rec.path, rng_factory),
-                                   float(c.get('decode_timeout_s', 0)))
-      except TimeoutError as e:
-        self.stats.record_failure(rec.path, str(e), timeout=True)
-        self.stats.check(float(c.max_bad_fraction))
-        continue
-      except (readers.DecodeError, RuntimeError, ValueError, OSError, MemoryError) as e:
-        self.stats.record_failure(rec.path, f'{type(e).__name__}: {e}')
-        self.stats.check(float(c.max_bad_fraction))
+      clips = self._decode_with_retry(rec.path, rng_factory)
+      if clips is None:
         continue
       self.stats.record_success(replaced=attempt > 0)
       s = clips.shape[0]

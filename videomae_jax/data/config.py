@@ -38,6 +38,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.decode_timeout_s = 60.0
   c.max_bad_fraction = 0.05
   c.max_replacements = 16  # Replacement tries for one example before giving up.
+  c.max_abandoned_decodes = 4  # Timed-out decodes still running before BadDataError.
   # Order and parallelism.
   c.seed = 0
   c.shuffle_buffer = 1024  # TFDS only; file sources use an exact per-epoch permutation.

@@ -20,9 +20,11 @@ class BadDataStats:
   """
   num_files: int = 0
   decoded: int = 0          # Examples decoded successfully (after replacements).
-  failures: int = 0         # Failed decode attempts, repeats of a known-bad file included.
+  failures: int = 0         # Failed decodes (after their retry); a TFDS element per failure.
   replacements: int = 0     # Examples served by a replacement video.
-  timeouts: int = 0         # Decodes abandoned after `decode_timeout_s`.
+  timeouts: int = 0         # Decode attempts abandoned after `decode_timeout_s`.
+  retries: int = 0          # Failed decodes tried once more before counting the file bad.
+  abandoned_running: int = 0  # Abandoned decodes whose threads have not stopped yet.
   bad_files: dict[str, str] = dataclasses.field(default_factory=dict)
   fatal: str = ''           # Set once the bad fraction is exceeded.
   _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -34,6 +36,15 @@ class BadDataStats:
     with self._lock:
       self.decoded += 1
       self.replacements += int(replaced)
+
+  def record_timeout(self) -> None:
+    with self._lock:
+      self.timeouts += 1
+
+  def record_retry(self, path: str, reason: str) -> None:
+    with self._lock:
+      self.retries += 1
+    log.info('Retrying video %s after: %s', path, reason)
 
   def record_failure(self, path: str, reason: str, timeout: bool = False) -> None:
     """Counts a failure; logs each path once; sets `fatal` past the allowed fraction."""
@@ -62,5 +73,6 @@ class BadDataStats:
       return {
           'num_files': self.num_files, 'decoded': self.decoded, 'failures': self.failures,
           'replacements': self.replacements, 'timeouts': self.timeouts,
+          'retries': self.retries, 'abandoned_running': self.abandoned_running,
           'num_bad_files': len(self.bad_files), 'bad_files': dict(self.bad_files),
       }
