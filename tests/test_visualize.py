@@ -23,8 +23,8 @@ def test_masked_pixels_do_not_leak_into_the_reconstruction():
     b[2 * t:2 * t + 2, 8 * y:8 * y + 8, 8 * x:8 * x + 8] = 255 - b[2 * t:2 * t + 2,
                                                                      8 * y:8 * y + 8,
                                                                      8 * x:8 * x + 8]
-  img_a = reconstruction_grid(a, pred, masked, GRID, 2, 8, norm_pix=True)
-  img_b = reconstruction_grid(b, pred, masked, GRID, 2, 8, norm_pix=True)
+  img_a = reconstruction_grid(a, pred, masked, norm_pix=True, tubelet_size=2, patch_size=8)
+  img_b = reconstruction_grid(b, pred, masked, norm_pix=True, tubelet_size=2, patch_size=8)
   rows = img_a.shape[0] // 3
   assert img_a.shape == (3 * 32, 4 * 32, 3) and img_a.dtype == np.uint8
   # Original rows differ, the masked-input and reconstruction rows are identical.
@@ -37,8 +37,30 @@ def test_raw_pixel_predictions_are_pasted_in_place():
   masked[3] = True
   clip = _clip(2)
   pred = np.full((1, 2 * 8 * 8 * 3), 1.0, np.float32)  # white
-  img = reconstruction_grid(clip, pred, masked, GRID, 2, 8, norm_pix=False)
+  img = reconstruction_grid(clip, pred, masked, norm_pix=False, tubelet_size=2, patch_size=8)
   rec = img[64:]
   # token 3 = slot 0, row 0, column 3; frames are laid side by side, 32 px each.
   assert (rec[0:8, 24:32] == 255).all()
   np.testing.assert_array_equal(rec[8:32, 0:32], clip[0, 8:32])
+
+
+def test_v2_decoder_mask_shows_what_the_model_predicts():
+  """With dual masking the predictions cover the decoder's kept tokens: masked tokens it keeps
+  show their prediction, masked tokens it drops stay grey, visible ones are the original."""
+  masked = np.zeros(32, bool)
+  masked[[0, 1, 2, 3]] = True
+  dropped = np.zeros(32, bool)
+  dropped[[1, 3, 4, 5]] = True  # kept: 28 tokens, among them masked 0 and 2
+  pred = np.zeros((28, 2 * 8 * 8 * 3), np.float32)
+  kept = np.flatnonzero(~dropped)
+  pred[list(kept).index(0)] = 1.0  # white
+  pred[list(kept).index(2)] = 0.0  # black
+  clip = _clip(3)
+  img = reconstruction_grid(clip, pred, masked, norm_pix=False, decoder_mask=dropped,
+                            tubelet_size=2, patch_size=8)
+  rec = img[64:]
+  assert (rec[0:8, 0:8] == 255).all()     # token 0: predicted
+  assert (rec[0:8, 16:24] == 0).all()     # token 2: predicted
+  assert (rec[0:8, 8:16] == 128).all()    # token 1: masked, dropped by the decoder
+  assert (rec[0:8, 24:32] == 128).all()   # token 3: masked, dropped by the decoder
+  np.testing.assert_array_equal(rec[8:16, 0:32], clip[0, 8:16])  # tokens 4-7: visible

@@ -160,8 +160,8 @@ class VideoMAEPretrain(_VideoViTFields):
   ``apply({'params': p}, video, mask)`` takes an ImageNet-normalised float video
   (B, T, H, W, 3) and a mask (``masking.Mask`` or concrete bool (B, N), True = masked) and
   returns float32 predictions (B, N_masked, 3*tubelet*p*p) in ascending masked-token order.
-  With ``decoder_mask`` (VideoMAE V2 dual masking) the predictions cover the decoder's kept
-  tokens instead.
+  With ``decoder_mask`` (VideoMAE V2 dual masking; a Mask or a concrete bool (B, N), True =
+  dropped by the decoder) the predictions cover the decoder's kept tokens instead.
   """
 
   decoder_embed_dim: int = 384
@@ -171,21 +171,28 @@ class VideoMAEPretrain(_VideoViTFields):
   # final norm. None = layer_norm_eps.
   decoder_norm_eps: float | None = None
 
+  def _as_mask(self, value, video: jax.Array, name: str) -> masking_lib.Mask:
+    """Encoder and decoder masks alike: a Mask or a concrete bool (B, N), on this grid."""
+    m = masking_lib.mask_from_bool(value, name=name)
+    if m.num_tokens != self.num_tokens:
+      raise ValueError(f"{name} has {m.num_tokens} tokens per sample; the model's grid "
+                       f"{self.grid} has {self.num_tokens}")
+    if m.masked.shape[0] != video.shape[0]:
+      raise ValueError(f"{name} batch {m.masked.shape[0]} != video batch {video.shape[0]}")
+    return masking_lib.mask_from_bool(m, self.grid, name=name)
+
   def example_inputs(self, batch: int = 1) -> tuple:
     (video,) = super().example_inputs(batch)
     return video, masking_lib.tube_mask(jax.random.key(0), batch, self.grid, 0.5)
 
   @nn.compact
-  def __call__(self, video: jax.Array, mask, decoder_mask: masking_lib.Mask | None = None, *,
+  def __call__(self, video: jax.Array, mask, decoder_mask=None, *,
                train: bool = False) -> jax.Array:
     self._check_fields()
     self._check_video(video)
-    mask = masking_lib.mask_from_bool(mask)
-    if mask.num_tokens != self.num_tokens:
-      raise ValueError(f"mask has {mask.num_tokens} tokens per sample; the model's grid "
-                       f"{self.grid} has {self.num_tokens}")
-    if mask.masked.shape[0] != video.shape[0]:
-      raise ValueError(f"mask batch {mask.masked.shape[0]} != video batch {video.shape[0]}")
+    mask = self._as_mask(mask, video, "mask")
+    if decoder_mask is not None:
+      decoder_mask = self._as_mask(decoder_mask, video, "decoder_mask")
     dtype = jnp.dtype(self.dtype)
     d = self.decoder_embed_dim
 
@@ -197,13 +204,7 @@ class VideoMAEPretrain(_VideoViTFields):
                             self.param_dtype)
 
     pos = jnp.asarray(layers.sincos_table(self.num_tokens, d))
-    if decoder_mask is None:
-      target_idx = mask.masked_idx
-    else:
-      if decoder_mask.num_tokens != self.num_tokens:
-        raise ValueError(f"decoder_mask has {decoder_mask.num_tokens} tokens, expected "
-                         f"{self.num_tokens}")
-      target_idx = decoder_mask.visible_idx
+    target_idx = mask.masked_idx if decoder_mask is None else decoder_mask.visible_idx
     x_full = jnp.concatenate([
         x.astype(jnp.float32) + pos[mask.visible_idx],
         mask_token.astype(jnp.float32) + pos[target_idx],
