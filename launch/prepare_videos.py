@@ -9,10 +9,16 @@ with one keyframe per `--keyframe_s` seconds: sparse keyframes (x264's default i
 one per 250 frames) make every seek decode more frames, about 2x the CPU cost
 per clip. Each output is then opened with the training reader and a few frames
 are decoded. Writes, under `--out_dir`:
+  <relative path>.mp4  one per input, at the input's path relative to --src_dir
+                  (--root, or the inputs' common folder); inputs that are not mp4
+                  keep their extension (`sub/a.avi` -> `sub/a.avi.mp4`), so
+                  `a.avi` and `a.mp4` do not overwrite each other;
   train_list.txt  `relative/path.mp4 label` per line, for data.train_list with
                   data.root=<out_dir>;
   bad_files.txt   `path<TAB>reason` for every input that failed.
 Existing outputs that decode are kept, so an interrupted run can be restarted.
+`--workers` processes each decode and encode with `--threads` threads; by default
+their product is the number of cores available to this process.
 """
 from __future__ import annotations
 
@@ -36,8 +42,75 @@ def output_size(w: int, h: int, short_side: int) -> tuple[int, int]:
   return max(2, int(round(w * s / 2)) * 2), max(2, int(round(h * s / 2)) * 2)
 
 
+def available_cores() -> int:
+  """Cores this process may run on (the affinity mask, e.g. a container's share)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count() or 1
+
+
+def plan_parallelism(cores: int, workers: int = 0, threads: int = 0) -> tuple[int, int]:
+  """(worker processes, codec threads per worker) with workers x threads <= cores.
+
+  0 means derive it: by default one thread per worker and one worker per core
+  (many small videos parallelise better over processes than inside x264).
+  """
+  if workers > 0 and threads > 0:
+    if workers * threads > cores:
+      raise ValueError(f'--workers={workers} x --threads={threads} = {workers * threads} '
+                       f'encoder threads on {cores} cores; lower one of them (0 derives it '
+                       f'from the other)')
+    return workers, threads
+  if threads > 0:
+    return max(1, cores // threads), threads
+  if workers > 0:
+    return workers, max(1, cores // workers)
+  return max(1, cores), 1
+
+
+def encoder_options(crf: int, preset: str, gop: int, threads: int) -> dict[str, str]:
+  """libx264 options: quality, speed, keyframe interval and thread count."""
+  return {'crf': str(crf), 'preset': preset, 'g': str(max(1, gop)), 'threads': str(threads)}
+
+
+def output_name(rel: str) -> str:
+  """`sub/a.mp4` stays; other inputs keep their extension: `sub/a.avi` -> `sub/a.avi.mp4`."""
+  return rel if rel.lower().endswith('.mp4') else rel + '.mp4'
+
+
+def source_base(records: list[VideoRecord], base: str) -> str:
+  """The folder outputs mirror: `base` if it holds every input, else their common folder."""
+  paths = [os.path.abspath(r.path) for r in records]
+  if base:
+    b = os.path.abspath(base)
+    if all(p.startswith(b.rstrip(os.sep) + os.sep) for p in paths):
+      return b
+  return os.path.commonpath([os.path.dirname(p) for p in paths])
+
+
+def output_paths(records: list[VideoRecord], base: str) -> list[str]:
+  """Each record's output path relative to --out_dir; ValueError if two inputs share one."""
+  b = source_base(records, base)
+  owner: dict[str, str] = {}
+  out = []
+  for r in records:
+    src = os.path.abspath(r.path)
+    rel = output_name(os.path.relpath(src, b))
+    prev = owner.setdefault(rel, src)
+    if prev != src:
+      raise ValueError(f'{prev} and {src} would both be written to {rel} under --out_dir; '
+                       f'rename one of them')
+    out.append(rel)
+  for rel, src in owner.items():
+    if rel + '.part.mp4' in owner:  # The temporary file of another output.
+      raise ValueError(f'{owner[rel + ".part.mp4"]} would be written to {rel}.part.mp4, the '
+                       f'temporary file of {src}; rename one of them')
+  return out
+
+
 def transcode(src: str, dst: str, short_side: int, crf: int, preset: str,
-              keyframe_s: float) -> int:
+              keyframe_s: float, threads: int = 1) -> int:
   """Re-encodes `src` to h264 mp4 `dst`; returns the number of frames written."""
   import av  # pylint: disable=g-import-not-at-top
   readers._check_file(src)  # pylint: disable=protected-access
@@ -48,13 +121,13 @@ def transcode(src: str, dst: str, short_side: int, crf: int, preset: str,
       raise readers.DecodeError(f'{src}: no video stream')
     ist = inp.streams.video[0]
     ist.thread_type = 'AUTO'
+    ist.codec_context.thread_count = threads  # FFmpeg's default is one per core.
     rate = ist.average_rate or ist.guessed_rate or Fraction(25)
     w, h = output_size(ist.codec_context.width, ist.codec_context.height, short_side)
     with av.open(tmp, 'w', format='mp4') as out:
       ost = out.add_stream('libx264', rate=rate)
       ost.width, ost.height, ost.pix_fmt = w, h, 'yuv420p'
-      ost.options = {'crf': str(crf), 'preset': preset,
-                     'g': str(max(1, int(round(float(rate) * keyframe_s))))}
+      ost.options = encoder_options(crf, preset, int(round(float(rate) * keyframe_s)), threads)
       for frame in inp.decode(ist):
         f = frame.reformat(width=w, height=h, format='yuv420p')
         f.pts = n  # Constant frame rate, one output frame per decoded frame.
@@ -84,12 +157,8 @@ def verify(path: str, reader: str = 'decord') -> int:
     v.close()
 
 
-def process(rec: VideoRecord, src_base: str, out_dir: str, args) -> tuple[str, str | None]:
-  """Returns (output path relative to out_dir, None) or (src path, reason)."""
-  rel = os.path.relpath(rec.path, src_base) if src_base else os.path.basename(rec.path)
-  if rel.startswith('..'):
-    rel = os.path.basename(rec.path)
-  rel = os.path.splitext(rel)[0] + '.mp4'
+def process(src: str, rel: str, out_dir: str, args) -> tuple[str, str | None]:
+  """Writes `src` to out_dir/rel; returns (rel, None) or (src, reason)."""
   dst = os.path.join(out_dir, rel)
   try:
     if os.path.exists(dst) and not args.overwrite:
@@ -99,7 +168,8 @@ def process(rec: VideoRecord, src_base: str, out_dir: str, args) -> tuple[str, s
       except readers.DecodeError:
         pass  # A broken earlier output: redo it.
     os.makedirs(os.path.dirname(dst) or '.', exist_ok=True)
-    transcode(rec.path, dst, args.short_side, args.crf, args.preset, args.keyframe_s)
+    transcode(src, dst, args.short_side, args.crf, args.preset, args.keyframe_s,
+              args.threads)
     verify(dst)
     if args.check_frames:
       ok, detail = readers.check_frame_accuracy(dst, 'decord', num_probes=4)
@@ -111,7 +181,7 @@ def process(rec: VideoRecord, src_base: str, out_dir: str, args) -> tuple[str, s
     for p in (dst, dst + '.part.mp4'):
       if os.path.exists(p) and (p.endswith('.part.mp4') or args.overwrite):
         os.remove(p)
-    return rec.path, f'{type(e).__name__}: {e}'.replace('\n', ' ')
+    return src, f'{type(e).__name__}: {e}'.replace('\n', ' ')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--preset', default='veryfast')
   p.add_argument('--keyframe_s', type=float, default=1.0, help='seconds between keyframes')
   p.add_argument('--extensions', default=','.join(DEFAULT_EXTENSIONS))
-  p.add_argument('--workers', type=int, default=os.cpu_count() or 1)
+  p.add_argument('--workers', type=int, default=0,
+                 help='worker processes (0: cores / --threads)')
+  p.add_argument('--threads', type=int, default=0,
+                 help='decoder and x264 threads per worker (0: cores / --workers, else 1)')
   p.add_argument('--check_frames', action='store_true',
                  help='also compare decord against an exact decode on every output')
   p.add_argument('--overwrite', action='store_true')
@@ -140,23 +213,32 @@ def main(argv: list[str] | None = None) -> int:
     else:
       records = load_annotation_list(args.src_list, args.root)
       base = args.root
-  except SourceError as e:
+    rels = output_paths(records, base)  # Before any work: two inputs, one output.
+    workers, args.threads = plan_parallelism(available_cores(), args.workers, args.threads)
+  except (SourceError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   os.makedirs(args.out_dir, exist_ok=True)
   t0 = time.time()
   good, bad = [], []
-  with concurrent.futures.ProcessPoolExecutor(max(1, args.workers)) as pool:
-    futures = [pool.submit(process, r, base, args.out_dir, args) for r in records]
-    for i, (rec, fut) in enumerate(zip(records, futures), 1):
-      path, reason = fut.result()
-      if reason is None:
-        good.append((path, rec.label))
-      else:
-        bad.append((path, reason))
-        print(f'bad: {path}: {reason}', file=sys.stderr)
-      if i % 100 == 0 or i == len(records):
-        print(f'{i}/{len(records)} done, {len(bad)} bad, {time.time() - t0:.0f}s', flush=True)
+  jobs = dict(zip(rels, (os.path.abspath(r.path) for r in records)))  # A repeated input once.
+  print(f'{len(jobs)} videos, {workers} workers x {args.threads} threads', flush=True)
+  with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    futures = {rel: pool.submit(process, src, rel, args.out_dir, args)
+               for rel, src in jobs.items()}
+    results = {}
+    for i, (rel, fut) in enumerate(futures.items(), 1):
+      results[rel] = fut.result()
+      if results[rel][1] is not None:
+        print(f'bad: {results[rel][0]}: {results[rel][1]}', file=sys.stderr)
+      if i % 100 == 0 or i == len(futures):
+        print(f'{i}/{len(futures)} done, {time.time() - t0:.0f}s', flush=True)
+  for rec, rel in zip(records, rels):
+    path, reason = results[rel]
+    if reason is None:
+      good.append((path, rec.label))
+    elif (path, reason) not in bad:
+      bad.append((path, reason))
   list_path = os.path.join(args.out_dir, 'train_list.txt')
   with open(list_path, 'w') as f:
     f.writelines(f'{path} {label}\n' for path, label in good)
