@@ -35,14 +35,36 @@ class LocalVideos(tfds.core.GeneratorBasedBuilder):
       yield name, {'video': frames, 'label': i % 3}
 
 
+class CorruptVideos(LocalVideos):
+  """The same videos, except that element 2 holds images that do not decode."""
+
+  def _generate_examples(self, folder):
+    for i, (key, ex) in enumerate(super()._generate_examples(folder)):
+      if i == 2:
+        ex = {'video': [b'not a jpeg'] * len(ex['video']), 'label': ex['label']}
+      yield key, ex
+
+
 @pytest.fixture(scope='module')
-def tfds_dir(tmp_path_factory):
+def video_folder(tmp_path_factory):
   vdir = str(tmp_path_factory.mktemp('tfds_videos'))
   for i, n in enumerate((70, 40, 100, 5, 66)):
     dv.write_video(os.path.join(vdir, f'v{i}.mp4'), n)
-  data_dir = str(tmp_path_factory.mktemp('tfds_data'))
   os.environ[VIDEO_DIR_ENV] = vdir
+  return vdir
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory, video_folder):
+  data_dir = str(tmp_path_factory.mktemp('tfds_data'))
   LocalVideos(data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+@pytest.fixture(scope='module')
+def corrupt_dir(tmp_path_factory, video_folder):
+  data_dir = str(tmp_path_factory.mktemp('tfds_corrupt'))
+  CorruptVideos(data_dir=data_dir).download_and_prepare()
   return data_dir
 
 
@@ -81,19 +103,60 @@ def test_tfds_clips_exact_frames(tfds_dir):
   assert sorted(epoch0.tolist()) == [0, 1, 2, 3, 4]
 
 
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
 def test_tfds_resume_and_sharding(tfds_dir):
   c = config(tfds_dir)
   full = take(data.build_pretrain_dataset(c, global_batch_size=2), 5)
   resumed = take(data.build_pretrain_dataset(c, global_batch_size=2, start_step=3), 2)
-  for a, b in zip(full[3:], resumed):
-    for k in a:
-      np.testing.assert_array_equal(a[k], b[k])
-  hosts = [take(data.build_pretrain_dataset(c, global_batch_size=2, process_index=p,
-                                            process_count=2), 3) for p in (0, 1)]
-  for step in range(3):
-    for k in full[step]:
-      np.testing.assert_array_equal(
-          np.concatenate([hosts[0][step][k], hosts[1][step][k]]), full[step][k])
+  assert_batches_equal(full[3:], resumed)
+  # Each host reads only its own part of the split (4 of the 5 videos: equal
+  # parts keep the hosts' epochs aligned) and serves its slice of each batch.
+  ref = tfds.builder('local_videos', data_dir=tfds_dir).as_dataset(split='train',
+                                                                  shuffle_files=False)
+  lengths = [len(ex['video']) for ex in tfds.as_numpy(ref)]
+  hosts = [take(data.build_pretrain_dataset(c, global_batch_size=4, process_index=p,
+                                            process_count=2), 4) for p in (0, 1)]
+  seen = []
+  for p, batches in enumerate(hosts):
+    assert [b['example'].tolist() for b in batches] == [
+        [4 * s + 2 * p, 4 * s + 2 * p + 1] for s in range(4)]
+    idx = np.concatenate([b['index'] for b in batches])
+    seen.append(set(idx.tolist()))
+    for local, (b, j) in enumerate((b, j) for b in batches for j in range(2)):
+      g = int(b['example'][j])
+      want = sampling.sample_frame_indices(lengths[b['index'][j]], 8, 4,
+                                           sampling.example_rng(5, local // 2, g))
+      assert dv.decode_indices(b['video'][j]) == want.tolist()
+  assert seen == [{0, 1}, {2, 3}]
+  resumed = take(data.build_pretrain_dataset(c, global_batch_size=4, process_index=1,
+                                             process_count=2, start_step=1), 3)
+  assert_batches_equal(hosts[1][1:], resumed)
+
+
+def test_tfds_undecodable_element_is_replaced_deterministically(corrupt_dir):
+  ref = tfds.builder('corrupt_videos', data_dir=corrupt_dir).as_dataset(
+      split='train', shuffle_files=False, decoders={'video': tfds.decode.SkipDecoding()})
+  rows = [ex['video'][0] for ex in tfds.as_numpy(ref)]
+  bad = rows.index(b'not a jpeg')  # Its row in the stored (hashed) order.
+  c = config(corrupt_dir, tfds_name='corrupt_videos', max_bad_fraction=0.5)
+  ds = data.build_pretrain_dataset(c, global_batch_size=2)
+  full = take(ds, 6)
+  # No example is dropped: batches stay full and aligned with the global index.
+  assert [b['example'].tolist() for b in full] == [[2 * s, 2 * s + 1] for s in range(6)]
+  assert all(b['video'].shape == (2, 8, 64, 64, 3) for b in full)
+  assert not any(bad in b['index'] for b in full)
+  s = ds.stats.summary()
+  assert list(s['bad_files']) == [f'corrupt_videos/train[{bad}]'] and s['replacements'] >= 2
+  assert all(b['video'].std() > 10 for b in full)  # Real clips, not zeros.
+  assert_batches_equal(full, take(data.build_pretrain_dataset(c, global_batch_size=2), 6))
+  resumed = take(data.build_pretrain_dataset(c, global_batch_size=2, start_step=3), 3)
+  assert_batches_equal(full[3:], resumed)
 
 
 def test_tfds_missing_dataset_is_a_clear_error(tmp_path):
