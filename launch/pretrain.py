@@ -104,7 +104,8 @@ def train(config, workdir: str) -> dict:
   init_state = step_lib.make_init_fn(model, tx, init_rng)
   abstract = jax.eval_shape(init_state)
   state_sh = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  meta = {"seed": int(config.seed), "data": data_desc, "batch_size": int(config.batch_size)}
+  meta = {"seed": int(config.seed), "data": data_desc, "batch_size": int(config.batch_size),
+          "model": checkpointing.model_meta(config_lib.model_fields(config))}
   state, start_step = ckpt.restore_or_init(
       lambda: jax.jit(init_state, out_shardings=state_sh)(),
       checkpointing.abstract_with_shardings(abstract, state_sh), meta)

@@ -210,8 +210,44 @@ def build_pretrain_dataset(data_config, *, global_batch_size: int,
   return PretrainDataset(ds, layout, stats, start_step)
 
 
+# `config.data` fields that do not change which clips come out in which order: where the files
+# live (a moved dataset resumes), how fast they are decoded, and when to give up. Every other
+# field, including any added later, defines the stream and is compared on resume.
+NON_STREAM_FIELDS = frozenset({
+    'train_list', 'root', 'video_dir', 'tfds_data_dir', 'tfds_manual_dir', 'tfds_download',
+    'decode_timeout_s', 'max_bad_fraction', 'max_replacements', 'num_parallel_calls',
+    'num_threads', 'prefetch'})
+
+
+def source_fingerprint(data_config) -> str | None:
+  """sha256 of a file source's videos in order: paths relative to their common folder, and
+  labels. The same videos under another root give the same fingerprint. None for TFDS."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if data_config.get('tfds_name') or data_config.get('synthetic'):
+    return None
+  if not (data_config.get('train_list') or data_config.get('video_dir')):
+    return None
+  records = file_source_from_config(data_config)
+  paths = [r.path for r in records]
+  try:
+    base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    rel = [os.path.relpath(p, base) if base else p for p in paths]
+  except ValueError:  # absolute and relative paths mixed
+    rel = paths
+  h = hashlib.sha256()
+  for p, r in zip(rel, records):
+    h.update(f'{p}\t{r.label}\n'.encode())
+  return h.hexdigest()
+
+
 def describe(data_config) -> dict[str, Any]:
-  """The fields that define the stream of clips (for logging next to checkpoints)."""
-  keys = ('train_list', 'root', 'video_dir', 'tfds_name', 'tfds_split', 'num_frames',
-          'sampling_rate', 'input_size', 'scales', 'flip', 'num_sample', 'reader', 'seed')
-  return {k: data_config.get(k) for k in keys}
+  """What defines the stream of clips, compared with the checkpoint's on resume: every field
+  but `NON_STREAM_FIELDS`, and for file sources `source_fingerprint` (the videos, not where
+  they are)."""
+  import json  # pylint: disable=g-import-not-at-top
+  d = {k: v for k, v in sorted(data_config.items()) if k not in NON_STREAM_FIELDS}
+  fingerprint = source_fingerprint(data_config)
+  if fingerprint is not None:
+    d['source_fingerprint'] = fingerprint
+  return json.loads(json.dumps(d, default=str))
