@@ -50,7 +50,6 @@ def train(config, workdir: str) -> dict:
   import numpy as np
 
   from videomae_jax import flops as flops_lib
-  from videomae_jax import masking
   from videomae_jax.normalization import normalize
   from videomae_jax.train import checkpointing, optim, sharding, step as step_lib
   from videomae_jax.train import config as config_lib
@@ -130,14 +129,28 @@ def train(config, workdir: str) -> dict:
   p_step = jax.jit(train_step, in_shardings=(state_sh, batch_sh, replicated),
                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
-  vis_mask = masking.tube_mask(jax.random.key(config.seed + 1), 1, model.grid, config.mask.ratio)
+  # Reconstruction images: one fixed clip, global example 0 of epoch 0 (a pure function of the
+  # data seed, so the same whatever step the run starts or resumes from), on the device once,
+  # masked as the run masks: its mask type and ratio, and the V2 decoder mask.
+  if config.vis_every_steps:
+    try:
+      vis_u8 = np.asarray(data.example(0, epoch=0))
+    except NotImplementedError:
+      # No random access (TFDS): the first clip of a stream that starts at step 0.
+      from videomae_jax.data import build_pretrain_dataset
+      with build_pretrain_dataset(config.data, global_batch_size=config.batch_size,
+                                  process_index=0, process_count=jax.process_count(),
+                                  start_step=0) as first:
+        vis_u8 = next(iter(first))["video"][0]
+    vis_clip = jax.make_array_from_process_local_data(replicated, vis_u8, vis_u8.shape)
+    vis_mask, vis_dmask = step_lib.draw_masks(jax.random.key(config.seed + 1), 1, model,
+                                              config.mask)
 
-  def reconstruct(params, video_u8):
-    clip = video_u8[:1]
-    pred = model.apply({"params": params}, normalize(clip, jnp.dtype(model.dtype)), vis_mask)
-    return clip, pred
+    def reconstruct(params, clip_u8):
+      video = normalize(clip_u8[None], jnp.dtype(model.dtype))
+      return model.apply({"params": params}, video, vis_mask, vis_dmask)[0]
 
-  reconstruct = jax.jit(reconstruct, out_shardings=(replicated, replicated))
+    reconstruct = jax.jit(reconstruct, out_shardings=replicated)
 
   # ---- loop ----------------------------------------------------------------------------------
   writer = metrics_lib.MetricWriter(workdir)
@@ -151,7 +164,6 @@ def train(config, workdir: str) -> dict:
   last: dict = {}
   pending = []
   prev_m = None
-  vis_clip = None
   stop_reason = None
   step = start_step
   it = iter(data)
@@ -161,8 +173,6 @@ def train(config, workdir: str) -> dict:
       local = next(it)
       timer.add_data_wait(time.perf_counter() - t0)
       batch = sharding.global_batch({"video": local["video"]}, mesh)
-      if vis_clip is None:
-        vis_clip = batch["video"]
       state, m = p_step(state, batch, train_rng)
       step += 1
       timer.tick()
@@ -204,11 +214,11 @@ def train(config, workdir: str) -> dict:
                 flush=True)
 
       if config.vis_every_steps and (step % config.vis_every_steps == 0 or step == total_steps):
-        clip, pred = jax.device_get(reconstruct(state.params, vis_clip))
-        img = reconstruction_grid(np.asarray(clip[0]), np.asarray(pred[0]),
-                                  np.asarray(vis_mask.masked[0]), model.grid, model.tubelet_size,
-                                  model.patch_size, config.norm_pix)
-        writer.write_image(step, "reconstruction", img)
+        pred = np.asarray(jax.device_get(reconstruct(state.params, vis_clip)))
+        if is_main:
+          img = reconstruction_grid(vis_u8, pred, vis_mask, config.norm_pix,
+                                    decoder_mask=vis_dmask, model=model)
+          writer.write_image(step, "reconstruction", img)
 
       if ckpt.should_save(step):
         ckpt.save(step, state, dict(meta, step=step))

@@ -121,6 +121,20 @@ class PretrainDataset:
   def __exit__(self, *exc) -> None:
     self.close()
 
+  # `ClipDecoder.load_example` for file sources (set by build_pretrain_dataset); None for TFDS.
+  load_example: Callable[[int], dict[str, np.ndarray]] | None = None
+
+  def example(self, global_index: int, epoch: int = 0) -> np.ndarray:
+    """The first clip of example `global_index` of `epoch` (uint8 (T, H, W, 3)), decoded now:
+    a pure function of (seed, epoch, global_index), the clip the stream serves there,
+    whichever host asks and wherever the stream started. Not for TFDS sources."""
+    if self.load_example is None:
+      raise NotImplementedError('example() needs a file source (train_list or video_dir)')
+    n = self.stats.num_files
+    if not 0 <= global_index < n:
+      raise IndexError(f'global_index={global_index} not in [0, {n})')
+    return self.load_example(epoch * n + global_index)['video'][0]
+
 
 def _tf_options(data_config):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -207,7 +221,10 @@ def build_pretrain_dataset(data_config, *, global_batch_size: int,
   else:
     decoder = ClipDecoder(file_source_from_config(data_config), data_config, stats)
     ds = batched_clip_dataset(decoder.load_example, layout, data_config, start_step)
-  return PretrainDataset(ds, layout, stats, start_step)
+  dataset = PretrainDataset(ds, layout, stats, start_step)
+  if not data_config.get('tfds_name'):
+    dataset.load_example = decoder.load_example
+  return dataset
 
 
 # `config.data` fields that do not change which clips come out in which order: where the files

@@ -21,6 +21,7 @@ class SyntheticVideos:
     self.local = global_batch_size // process_count
     self.shape = (num_frames, size, size, 3)
     self.seed, self.process_index, self.start_step = seed, process_index, start_step
+    self.process_count = process_count
     self.stats = BadDataStats(num_files=global_batch_size * 100)
     yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
     self._grid = (yy.astype(np.float32), xx.astype(np.float32))
@@ -38,6 +39,19 @@ class SyntheticVideos:
         wave = np.sin(2 * np.pi * f[c] * (xx + yy * (c - 1) + v[c] * t) + ph[c])
         out[i, ..., c] = (127.5 + 120 * wave).astype(np.uint8)
     return {"video": out}
+
+  def example(self, global_index: int, epoch: int = 0) -> np.ndarray:
+    """Clip `global_index` of `epoch` (uint8 (T, H, W, 3)) as the stream serves it, whichever
+    process asks and wherever the stream started. An epoch is `stats.num_files` clips, as for
+    the real pipeline."""
+    g = epoch * self.stats.num_files + global_index
+    global_batch = self.local * self.process_count
+    step, j = divmod(g, global_batch)
+    owner, i = divmod(j, self.local)
+    src = SyntheticVideos(global_batch_size=global_batch, num_frames=self.shape[0],
+                          size=self.shape[1], seed=self.seed, process_index=owner,
+                          process_count=self.process_count)
+    return src.batch(step)["video"][i]
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     step = self.start_step
