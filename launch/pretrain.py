@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from typing import Mapping
 
 # TensorFlow (the input pipeline) prints start-up notices at INFO from C++.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -31,16 +32,55 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index in a multi
 log = logging.getLogger("videomae_jax.train")
 
 
-def initialize_distributed() -> None:
-  """jax.distributed: from flags, from the environment (TPU pods, SLURM), or single-process."""
+# SLURM_STEP_ID values of steps that are not srun task launches: the batch script, the
+# extern step (older Slurm gives them as 2**32 - 2 and 2**32 - 1), the interactive step.
+_SLURM_NON_TASK_STEPS = frozenset({"batch", "extern", "interactive", "4294967293",
+                                   "4294967294", "4294967295"})
+
+
+def _int(value: str | None) -> int:
+  try:
+    return int(value or 0)
+  except ValueError:
+    return 0
+
+
+def slurm_step_tasks(env: Mapping[str, str]) -> int:
+  """How many tasks run this command in its srun step; 0 outside an srun task.
+
+  An sbatch script or a shell inside salloc also sees SLURM_NTASKS (the allocation's) and
+  SLURM_PROCID=0, but no other task runs the command there: only srun sets a step id.
+  """
+  step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+  if step is None or step in _SLURM_NON_TASK_STEPS or "SLURM_PROCID" not in env:
+    return 0
+  return _int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS"))
+
+
+def cluster_from_env(env: Mapping[str, str]) -> str | None:
+  """'tpu' or 'slurm' when jax.distributed initialises itself from ``env``; None = one process."""
+  if env.get("TPU_WORKER_HOSTNAMES"):
+    return "tpu"
+  if slurm_step_tasks(env) > 1:
+    return "slurm"
+  return None
+
+
+def initialize_distributed(env: Mapping[str, str] = os.environ) -> None:
+  """jax.distributed: from flags, from the environment (TPU pods, srun tasks), or one process."""
   import jax
   if _NPROC.value and _NPROC.value > 1:
     # Cross-process collectives for CPU devices; GPU/TPU backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
                                process_id=_PID.value)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1":
+  elif cluster_from_env(env):
     jax.distributed.initialize()
+  elif _int(env.get("SLURM_NTASKS")) > 1:
+    # Waiting for the other tasks here would hang: none of them runs this command.
+    log.warning("SLURM_NTASKS=%s but this process is not an srun task (no SLURM_STEP_ID): "
+                "running as one process; start it with `srun python -m launch.pretrain ...` "
+                "to use every task", env.get("SLURM_NTASKS"))
 
 
 def train(config, workdir: str) -> dict:
@@ -57,6 +97,8 @@ def train(config, workdir: str) -> dict:
   from videomae_jax.train.visualize import reconstruction_grid
 
   # ---- config: every check before anything compiles -----------------------------------------
+  # Derived defaults (data.seed from seed) filled in once, before the data and the meta use them.
+  config = config_lib.resolve(config)
   config_lib.validate(config, jax.device_count())
   model = config_lib.build_model(config)
   is_main = jax.process_index() == 0
@@ -153,20 +195,22 @@ def train(config, workdir: str) -> dict:
     reconstruct = jax.jit(reconstruct, out_shardings=replicated)
 
   # ---- loop ----------------------------------------------------------------------------------
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
   timer = metrics_lib.StepTimer()
   flops_per_clip = flops_lib.train_flops(
       model, config.mask.ratio,
       config.mask.decoder_ratio if config.mask.decoder_type == "run_cell" else None,
       config.mask.type)
-  peak = metrics_lib.peak_flops_per_device(config.peak_flops_per_device)
+  peak = metrics_lib.peak_flops_per_device(config.peak_flops_per_device, model.dtype)
   ckpt.install_preemption_handler()
   last: dict = {}
   pending = []
   prev_m = None
   stop_reason = None
   step = start_step
+  compile_logged = False
   it = iter(data)
+  timer.reset()
   try:
     while step < total_steps:
       t0 = time.perf_counter()
@@ -175,7 +219,12 @@ def train(config, workdir: str) -> dict:
       batch = sharding.global_batch({"video": local["video"]}, mesh)
       state, m = p_step(state, batch, train_rng)
       step += 1
-      timer.tick()
+      if timer.compile_s is None:
+        # The first call compiles: time it on its own (compile_s), out of the rates and ETA.
+        jax.block_until_ready(m)
+        timer.first_step_done()
+      else:
+        timer.tick()
       pending.append(m)
       # Read the previous step's counter, so the host never waits for the step just dispatched.
       if prev_m is not None:
@@ -192,11 +241,14 @@ def train(config, workdir: str) -> dict:
         pending = []
         last = {k: float(v) for k, v in host[-1].items()}
         last["loss_avg"] = float(np.mean([h["loss"] for h in host]))
-        t = timer.summary(config.batch_size)
+        t = timer.summary(config.batch_size)  # {} when the window held only the first step
         timer.reset()
         last.update(t)
+        if not compile_logged:
+          last["compile_s"] = timer.compile_s
+          compile_logged = True
         last["epoch"] = step / steps_per_epoch
-        if peak:
+        if peak and t:
           last["mfu"] = t["clips_per_sec"] * flops_per_clip / (peak * jax.device_count())
         s = data.stats.summary()
         last["skipped_videos"] = s["num_bad_files"]
@@ -208,10 +260,11 @@ def train(config, workdir: str) -> dict:
           extra = f" | skipped steps {int(last['nonfinite_total'])}" if last["nonfinite_total"] else ""
           if s["num_bad_files"]:
             extra += f" | bad videos {s['num_bad_files']}"
-          print(metrics_lib.progress_line(step, total_steps, last["loss"], t["clips_per_sec"],
-                                          last["lr"], t["data_wait_s"] / max(t["step_time_s"], 1e-9),
-                                          (total_steps - step) * t["step_time_s"], extra),
-                flush=True)
+          print(metrics_lib.progress_line(
+              step, total_steps, last["loss"], t.get("clips_per_sec"), last["lr"],
+              t["data_wait_s"] / max(t["step_time_s"], 1e-9) if t else None,
+              (total_steps - step) * t["step_time_s"] if t else None, extra,
+              compile_s=last.get("compile_s")), flush=True)
 
       if config.vis_every_steps and (step % config.vis_every_steps == 0 or step == total_steps):
         pred = np.asarray(jax.device_get(reconstruct(state.params, vis_clip)))

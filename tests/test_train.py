@@ -38,6 +38,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
   out = h.run(work, *overrides, config=cfg)
   assert f"resumed from step {resumed_from}" in out.stderr
+  # The killed run's lines after its last checkpoint are dropped: every step appears once.
+  with open(work / "metrics.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == list(range(1, 41))
   got = h.losses(work)
   after = [s for s in range(resumed_from + 1, 41)]
   np.testing.assert_array_equal([got[s] for s in after], [reference[s] for s in after])

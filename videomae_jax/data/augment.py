@@ -6,8 +6,17 @@ from typing import NamedTuple, Sequence
 import cv2
 import numpy as np
 
-# Render single-threaded: the pipeline already runs one clip per worker thread.
-cv2.setNumThreads(1)
+_cv2_single_threaded = False
+
+
+def _single_threaded_cv2() -> None:
+  """Turns OpenCV's own thread pool off (process-wide), once, when clips are first rendered:
+  the pipeline already runs one clip per worker thread. Not at import, which must not change
+  the threading of a process that only imports this module."""
+  global _cv2_single_threaded
+  if not _cv2_single_threaded:
+    cv2.setNumThreads(1)
+    _cv2_single_threaded = True
 
 
 class CropBox(NamedTuple):
@@ -57,6 +66,7 @@ def crop_resize(frames: np.ndarray, box: CropBox, stored_size: tuple[int, int],
   video. Shrinking uses area interpolation (close to PIL's antialiased bilinear
   of the reference), enlarging bilinear.
   """
+  _single_threaded_cv2()
   stored_w, stored_h = stored_size
   h, w = frames.shape[1:3]
   sx, sy = w / stored_w, h / stored_h

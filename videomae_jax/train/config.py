@@ -1,11 +1,17 @@
-"""The pre-training config schema, its validation, and what it builds (the model)."""
+"""The pre-training config schema, its validation, and what it builds (the model).
+
+Seeds: `config.seed` drives everything by default: parameter init, masks, and (through
+`config.data.seed`, None = "use config.seed") the data order, crops and synthetic clips. Set
+`config.data.seed` to keep the data stream fixed while changing the rest. `resolve()` fills it
+in; the trainer records the resolved value in config.json and the checkpoint meta.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 import ml_collections
 
-from videomae_jax.data import default_data_config
+from videomae_jax.data.config import default_data_config
 from videomae_jax.models import PRESET_NAMES, VideoMAEPretrain, preset
 
 # Sharding rules: (regex over the '/'-joined param path, spec). The first match wins. A spec is
@@ -44,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_frames = c.model.get_ref("num_frames")
   c.data.input_size = c.model.get_ref("img_size")
   c.data.synthetic = False  # deterministic generated clips (benchmarks, sharding tests)
+  # Order, crops and synthetic clips; None = config.seed (see resolve()).
+  c.data.seed = ml_collections.config_dict.placeholder(int)
 
   c.batch_size = 2048            # global, in clips (repeated samples counted)
   c.num_epochs = 800
@@ -60,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = DEFAULT_SHARDING_RULES
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
-  c.log_every_steps = 50
+  c.log_every_steps = 50        # >= 1; the last step is always logged
   c.vis_every_steps = 1000      # 0 = no reconstruction images
   c.max_nonfinite_in_row = 10
   c.peak_flops_per_device = 0.0  # for MFU where the device is not known; 0 = auto/none
@@ -69,6 +77,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 class ConfigError(ValueError):
   """A config that cannot run; raised before anything compiles."""
+
+
+def resolve(config) -> ml_collections.ConfigDict:
+  """The config a run uses: a copy with references resolved and `data.seed` (None) set to
+  `config.seed`, so that one seed changes init, masks and data together."""
+  c = config.copy_and_resolve_references()
+  if c.data.get("seed") is None:
+    c.data.seed = int(c.seed)
+  return c
 
 
 def model_fields(config) -> dict[str, Any]:
@@ -106,8 +123,12 @@ def validate(config, num_devices: int) -> None:
   if fields["decoder_embed_dim"] % fields["decoder_num_heads"]:
     raise ConfigError(f"decoder_embed_dim={fields['decoder_embed_dim']} is not divisible by "
                       f"decoder_num_heads={fields['decoder_num_heads']}")
-  if m.dtype not in ("float32", "bfloat16", "float16"):
-    raise ConfigError(f"config.model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
+  if m.dtype == "float16":
+    raise ConfigError("config.model.dtype='float16' is not supported: the train step has no "
+                      "loss scaling, so float16 gradients underflow; use bfloat16 (the same "
+                      "speed on TPUs and recent GPUs, with float32's range) or float32")
+  if m.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.model.dtype={m.dtype!r}: use bfloat16 or float32")
   if config.data.num_frames != m.num_frames or config.data.input_size != m.img_size:
     raise ConfigError(f"config.data (num_frames={config.data.num_frames}, input_size="
                       f"{config.data.input_size}) must match config.model (num_frames="
@@ -145,6 +166,9 @@ def validate(config, num_devices: int) -> None:
                       f"config.data.num_sample={config.data.num_sample}")
   if config.total_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("set config.total_steps or config.num_epochs > 0")
+  if int(config.log_every_steps) < 1:
+    raise ConfigError(f"config.log_every_steps={config.log_every_steps} must be >= 1 (steps "
+                      "between metric lines; the last step is always logged)")
   if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
     raise ConfigError("config.checkpoint.every_steps and .keep must be > 0")
   for rule in config.sharding_rules:

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
-from videomae_jax.data import BadDataStats
+from videomae_jax.data.stats import BadDataStats
 
 
 class SyntheticVideos:
