@@ -40,7 +40,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.max_replacements = 16  # Replacement tries for one example before giving up.
   c.max_abandoned_decodes = 4  # Timed-out decodes still running before BadDataError.
   # Order and parallelism.
-  c.seed = 0
+  c.seed = 0               # Order and crops (the trainer's config: None = config.seed).
   c.shuffle_buffer = 1024  # TFDS only; file sources use an exact per-epoch permutation.
   c.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE.
   c.num_threads = 0        # tf.data private thread pool (0 = shared default pool).
