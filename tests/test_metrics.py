@@ -74,6 +74,11 @@ def test_metric_writer_drops_rows_after_the_resumed_step(tmp_path):
   w.write_scalars(1, {"loss": 2.0})
   w.close()
   assert _steps(tmp_path) == [1]
+  # Without a resume step the writer appends.
+  w = metrics_lib.MetricWriter(str(tmp_path))
+  w.write_scalars(2, {"loss": 2.0})
+  w.close()
+  assert _steps(tmp_path) == [1, 2]
 
 
 def test_tensorboard_events_without_tensorflow(tmp_path):
@@ -115,3 +120,14 @@ def test_progress_line_without_a_timed_step():
   assert "clips/s" not in line and "ETA" not in line and "first step 6.4 s" in line
   line = metrics_lib.progress_line(2, 10, 0.5, 100.0, 1e-3, 0.1, 80.0)
   assert "100.00 clips/s" in line and "ETA 0:01:20" in line
+
+
+def test_trainer_times_the_first_step_apart(tmp_path):
+  from tests import trainer_harness as h
+  out = h.run(tmp_path / "w", "--config.total_steps=3")
+  rows = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert rows[0]["compile_s"] > 0 and "clips_per_sec" not in rows[0]
+  assert all("compile_s" not in r and r["clips_per_sec"] > 0 for r in rows[1:])
+  lines = [l for l in out.stdout.splitlines() if l.startswith("step ")]
+  assert "first step" in lines[0] and "ETA" not in lines[0] and "clips/s" in lines[1]

@@ -94,7 +94,7 @@ class _TensorBoard:
   """TensorBoard event files written with the `tensorboard` package alone: no TensorFlow import
   (its EventFileWriter opens files through TensorFlow whenever that is installed)."""
 
-  def __init__(self, logdir: str, resume_step: int):
+  def __init__(self, logdir: str, resume_step: int | None):
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
     self._event, self._summary = event_pb2, summary_pb2
@@ -103,9 +103,11 @@ class _TensorBoard:
             f"{os.getpid()}.{next(_TB_FILES)}")
     self._writer = RecordWriter(open(os.path.join(logdir, name), "wb"))
     self._add(0, file_version="brain.Event:2")
-    # TensorBoard drops the events at steps >= a session START's step from earlier files: the
-    # steps a killed run logged after its last checkpoint.
-    self._add(resume_step + 1, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+    if resume_step is not None:
+      # TensorBoard drops the events at steps >= a session START's step from earlier files: the
+      # steps a killed run logged after its last checkpoint.
+      self._add(int(resume_step) + 1,
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
 
   def _add(self, step: int, **fields) -> None:
     event = self._event.Event(wall_time=time.time(), step=int(step), **fields)
@@ -152,11 +154,11 @@ class MetricWriter:
   """Writes scalars to ``metrics.jsonl`` and TensorBoard, images to TensorBoard and PNG files.
 
   ``resume_step``: the step the run starts from (0 for a fresh run); rows of an earlier run for
-  later steps are dropped, so every step appears once. Only process 0 writes; the others get a
-  no-op writer.
+  later steps are dropped, so every step appears once. None appends to what is there. Only
+  process 0 writes; the others get a no-op writer.
   """
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self.workdir = workdir
     self._jsonl = None
@@ -165,10 +167,11 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "metrics.jsonl")
-    _truncate_jsonl(path, int(resume_step))
+    if resume_step is not None:
+      _truncate_jsonl(path, int(resume_step))
     self._jsonl = open(path, "a", buffering=1)
     try:
-      self._tb = _TensorBoard(os.path.join(workdir, "tensorboard"), int(resume_step))
+      self._tb = _TensorBoard(os.path.join(workdir, "tensorboard"), resume_step)
     except ImportError as e:  # TensorBoard is optional ([train] extra)
       log.warning("TensorBoard logging off (%s); metrics.jsonl only", e)
 
