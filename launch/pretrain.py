@@ -91,7 +91,8 @@ def train(config, workdir: str) -> dict:
 
   from videomae_jax import flops as flops_lib
   from videomae_jax.normalization import normalize
-  from videomae_jax.train import checkpointing, optim, sharding, step as step_lib
+  from videomae_jax.train import checkpointing, sharding, step as step_lib
+  from videomae_jax.train import program as program_lib
   from videomae_jax.train import config as config_lib
   from videomae_jax.train import metrics as metrics_lib
   from videomae_jax.train.visualize import reconstruction_grid
@@ -138,13 +139,14 @@ def train(config, workdir: str) -> dict:
   steps_per_epoch = int(config.steps_per_epoch) or max(data.stats.num_files // videos_per_batch, 1)
   total_steps = int(config.total_steps) or int(config.num_epochs) * steps_per_epoch
 
-  # ---- model, optimizer, sharded init --------------------------------------------------------
-  tx, schedule = optim.make_optimizer(config, total_steps, steps_per_epoch)
+  # ---- model, optimizer, shardings, jitted step (the program launch.compile compiles) ---------
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  program = program_lib.build_train_program(config, model, mesh, total_steps=total_steps,
+                                            steps_per_epoch=steps_per_epoch, init_rng=init_rng)
+  init_state, abstract = program.init_state, program.abstract_state
+  state_sh = program.state_shardings
 
-  init_state = step_lib.make_init_fn(model, tx, init_rng)
-  abstract = jax.eval_shape(init_state)
-  state_sh = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  # ---- sharded init or restore ---------------------------------------------------------------
   meta = {"seed": int(config.seed), "data": data_desc, "batch_size": int(config.batch_size),
           "model": checkpointing.model_meta(config_lib.model_fields(config))}
   state, start_step = ckpt.restore_or_init(
@@ -162,14 +164,7 @@ def train(config, workdir: str) -> dict:
   log.info("model %s: %.1fM params; %d steps (%d/epoch) of %d clips", config.model_name,
            n_params / 1e6, total_steps, steps_per_epoch, config.batch_size)
 
-  # ---- the jitted step -----------------------------------------------------------------------
-  train_step = step_lib.make_train_step(model, tx, schedule, mask_cfg=config.mask,
-                                        norm_pix=config.norm_pix,
-                                        accum_steps=int(config.optim.accum_steps))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sh = {"video": sharding.batch_sharding(mesh)}
-  p_step = jax.jit(train_step, in_shardings=(state_sh, batch_sh, replicated),
-                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
+  p_step, replicated = program.step, program.replicated
 
   # Reconstruction images: one fixed clip, global example 0 of epoch 0 (a pure function of the
   # data seed, so the same whatever step the run starts or resumes from), on the device once,
