@@ -2,6 +2,17 @@
 
 Parameter names follow the official PyTorch modules (``qkv``, ``q_bias``, ``proj``, ``norm1``,
 ``mlp.fc1`` ...) so that checkpoint conversion is a rename plus a transpose.
+
+The layers are plain Linen/XLA code (what a TPU or GPU program contains). On XLA:CPU the
+matmul layers switch to the custom-VJP forms of :mod:`videomae_jax.models.cpu`; the choice
+(``layers_impl=None``) is made by ``jax.lax.platform_dependent`` when the step is lowered, so
+the parameters are the same and one model compiles for any target. ``layers_impl="plain"``
+forces the plain layers everywhere (e.g. to use ``remat_policy`` on the CPU: checkpoint
+policies cannot see inside a ``custom_vjp``), ``"cpu"`` the CPU forms.
+
+Activations carry ``checkpoint_name`` tags (:data:`CHECKPOINT_NAMES`) for ``remat_policy``
+and, when a mesh is in context (``jax.sharding.use_abstract_mesh``), sharding constraints by
+logical axis names (:data:`LOGICAL_AXIS_RULES`).
 """
 from __future__ import annotations
 
@@ -13,8 +24,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding, PartitionSpec
 
-from videomae_jax.models import cpu_attention
+from videomae_jax.models import attention as attention_lib
+from videomae_jax.models import cpu as cpu_layers
 
 Dtype = Any
 
@@ -62,50 +76,75 @@ def layer_norm(eps: float, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
 
-def _contract(a: jax.Array, b: jax.Array, a_dim: int, b_dim: int) -> jax.Array:
-  """a . b over one axis of each, float32 accumulation; no explicit transposes."""
-  dims = (((a_dim % a.ndim,), (b_dim % b.ndim,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+LAYERS_IMPLS = ("plain", "cpu")
+
+# Names of the activations tagged with checkpoint_name, for remat_policy: every projection's
+# output under its layer name, plus the attention output before `proj`, the MLP's GELU output
+# and each block's output.
+CHECKPOINT_NAMES = ("qkv", "attn_out", "proj", "fc1", "mlp_hidden", "fc2", "block_out")
+
+# Logical activation axes -> mesh axes; mesh axes missing from the mesh in context are dropped.
+LOGICAL_AXIS_RULES = (("batch", ("data", "fsdp")),)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Dtype) -> jax.Array:
-  """``x @ w + b`` for x in ``dtype``, w (K, F) and b (F,) in their param dtype; result in ``dtype``.
+def check_layers_impl(impl: str | None) -> None:
+  if impl is not None and impl not in LAYERS_IMPLS:
+    raise ValueError(f"layers_impl={impl!r}: use None (per platform), "
+                     f"{', '.join(map(repr, LAYERS_IMPLS))}")
 
-  All three matmuls (forward, input and weight gradient) take ``dtype`` operands and accumulate
-  in float32, the form backends run natively (XLA:CPU widens a bf16-output dot to float32, and
-  its large row reductions are slow): the weight gradient comes straight from the float32
-  accumulator, and the bias gradient is a matmul with a ones vector.
-  """
-  y = _contract(x, w.astype(dtype), -1, 0)
+
+def on_platform(impl: str | None, cpu_fn: Callable, plain_fn: Callable, *args):
+  """``cpu_fn(*args)`` on XLA:CPU and ``plain_fn(*args)`` elsewhere (``impl=None``), chosen
+  when the computation is lowered for its platform; ``impl`` "plain"/"cpu" forces one."""
+  check_layers_impl(impl)
+  if impl == "plain":
+    return plain_fn(*args)
+  if impl == "cpu":
+    return cpu_fn(*args)
+  return jax.lax.platform_dependent(*args, cpu=cpu_fn, default=plain_fn)
+
+
+def plain_linear(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Dtype) -> jax.Array:
+  """``nn.Dense``'s arithmetic: operands and result in ``dtype`` (the backend accumulates in
+  float32), bias added in ``dtype``."""
+  dtype = jnp.dtype(dtype)
+  y = jnp.dot(x.astype(dtype), w.astype(dtype))
   if b is not None:
-    y = y + b.astype(jnp.float32)
-  return y.astype(dtype)
+    y = y + b.astype(dtype)
+  return y
 
 
-def _linear_fwd(x, w, b, dtype):
-  return linear(x, w, b, dtype), (x, w, b)
+# The XLA:CPU form, kept importable from here.
+linear = cpu_layers.linear
 
 
-def _linear_bwd(dtype, res, g):
-  x, w, b = res
-  g = g.astype(dtype)
-  dx = _contract(g, w.astype(dtype), -1, 1).astype(x.dtype)
-  g2 = g.reshape(-1, g.shape[-1])
-  # dW = x^T g through an explicit transpose: XLA:CPU runs a dot contracting both operands'
-  # leading axis (and any matrix-vector dot) as a float32 Eigen dot on upcast copies, the
-  # (K, M) . (M, F) form natively in bf16. db rides along as a row of ones under x^T; the barrier
-  # keeps XLA from folding the transpose back into the dot.
-  xt = x.reshape(-1, x.shape[-1]).T
-  if b is not None:
-    xt = jnp.concatenate([xt, jnp.ones((1, xt.shape[1]), xt.dtype)])
-  dwb = _contract(jax.lax.optimization_barrier(xt), g2, 1, 0)
-  dw = dwb[:w.shape[0]].astype(w.dtype)
-  db = None if b is None else dwb[w.shape[0]].astype(b.dtype)
-  return dx, dw, db
+def apply_linear(x: jax.Array, w: jax.Array, b: jax.Array | None, dtype: Dtype,
+                 impl: str | None = None) -> jax.Array:
+  """``x @ w + b`` in ``dtype``: :func:`plain_linear`, or on XLA:CPU :func:`cpu.linear`."""
+  dtype = jnp.dtype(dtype)
+  return on_platform(impl, functools.partial(cpu_layers.linear, dtype=dtype),
+                     functools.partial(plain_linear, dtype=dtype), x.astype(dtype), w, b)
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+def with_logical_constraint(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+  """``with_sharding_constraint`` by logical axis names (:data:`LOGICAL_AXIS_RULES`, or flax's
+  ``nn.logical_axis_rules`` when set) against the mesh in context; without a mesh (single
+  device use) ``x`` is returned unchanged."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  rules = tuple(nn.get_logical_axis_rules()) or LOGICAL_AXIS_RULES
+  table = dict(rules)
+  spec = []
+  for name in logical_axes:
+    axes = table.get(name) if name is not None else None
+    if axes is None:
+      spec.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in axes if a in mesh.axis_names)
+    spec.append(axes or None)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
 def _dense_params(mdl: nn.Module, in_features: int) -> tuple[jax.Array, jax.Array | None]:
@@ -116,7 +155,7 @@ def _dense_params(mdl: nn.Module, in_features: int) -> tuple[jax.Array, jax.Arra
 
 
 class Dense(nn.Module):
-  """``nn.Dense`` (same ``kernel``/``bias`` params) through :func:`linear`. With
+  """``nn.Dense`` (same ``kernel``/``bias`` params) through :func:`apply_linear`. With
   ``use_bias=False`` a ``bias`` given at call time is added instead (for biases held elsewhere,
   like qkv's q/v biases)."""
 
@@ -126,12 +165,14 @@ class Dense(nn.Module):
   bias_init: Callable = nn.initializers.zeros
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  impl: str | None = None  # layers_impl: None = per platform, "plain", "cpu"
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     kernel, own_bias = _dense_params(self, x.shape[-1])
-    return linear(x.astype(self.dtype), kernel, own_bias if self.use_bias else bias,
-                  jnp.dtype(self.dtype))
+    y = apply_linear(x, kernel, own_bias if self.use_bias else bias, self.dtype, self.impl)
+    # Tagged with the layer's name (qkv, proj, ...) for remat policies.
+    return checkpoint_name(y, self.name)
 
 
 class DenseParams(nn.Module):
@@ -161,6 +202,7 @@ class CubeEmbed(nn.Module):
   tubelet_size: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  layers_impl: str | None = None
 
   @nn.compact
   def __call__(self, video: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
@@ -176,75 +218,23 @@ class CubeEmbed(nn.Module):
     x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, -1, fan_in)
     if token_idx is not None:
       x = jnp.take_along_axis(x, token_idx[..., None], axis=1)
-    return linear(x.astype(self.dtype), kernel.reshape(fan_in, self.embed_dim), bias,
-                  jnp.dtype(self.dtype))
+    return apply_linear(x, kernel.reshape(fan_in, self.embed_dim), bias, self.dtype,
+                        self.layers_impl)
 
 
-ATTENTION_IMPLS = ("cpu_fused", "einsum", "xla", "cudnn")
-
-
-def resolve_attention_impl(impl: str | None, dtype: Dtype = jnp.float32) -> str | None:
-  """``None`` picks per backend and compute dtype.
-
-  CPU: with bfloat16 compute on one device, the fused AVX512-BF16 kernel
-  (:mod:`cpu_attention`) when the machine has it, else the einsum path (XLA:CPU runs its two
-  batched matmuls faster than the generic ``dot_product_attention`` lowering, and it can
-  recompute the probabilities in the backward pass). GPU/TPU: ``jax.nn.dot_product_attention``'s
-  own choice (fused cuDNN/TPU kernels). The fused CPU kernel is an opaque custom call that the
-  SPMD partitioner would replicate, hence one device only.
-  """
-  if impl is None:
-    if jax.default_backend() != "cpu":
-      return None
-    if (jnp.dtype(dtype) == jnp.bfloat16 and jax.device_count() == 1
-        and cpu_attention.available()):
-      return "cpu_fused"
-    return "einsum"
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl={impl!r}: use None, {', '.join(ATTENTION_IMPLS)}")
-  return impl
-
-
-def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
-                      preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  # float32 accumulation also for low-precision v: the form XLA:CPU runs natively.
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v,
-                    preferred_element_type=jnp.float32).astype(v.dtype)
-
-
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
-                     remat: bool = False, chunk: int = 512) -> jax.Array:
-  """softmax(q k^T * scale) v over (B, N, heads, head_dim) inputs; softmax in float32.
-
-  With ``remat`` the (B, heads, N, N) probabilities are never kept for the backward pass: the
-  queries run in chunks of ``chunk`` under ``lax.map`` with a checkpointed body, so the backward
-  loop recomputes one chunk's probabilities at a time (one extra q k^T matmul). A loop is what
-  bounds the memory on every backend: a plain ``jax.checkpoint`` leaves XLA free to schedule
-  (or CSE) the recomputation next to the forward pass, which XLA:CPU does.
-  """
-  if not remat:
-    return _attention_core(q, k, v, scale)
-  b, n, h, d = q.shape
-  num = -(-n // chunk)
-  size = -(-n // num)  # balanced chunks; padded query rows are sliced off again
-  pad = num * size - n
-  qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q
-  qc = qc.reshape(b, num, size, h, d).swapaxes(0, 1)
-  body = jax.checkpoint(lambda qi: _attention_core(qi, k, v, scale),
-                        policy=jax.checkpoint_policies.nothing_saveable)
-  out = jax.lax.map(body, qc).swapaxes(0, 1).reshape(b, num * size, h, d)
-  return out[:, :n] if pad else out
+# The implementation is chosen in models/attention.py; these names stay importable from here.
+ATTENTION_IMPLS = attention_lib.ATTENTION_IMPLS
+resolve_attention_impl = attention_lib.resolve_attention_impl
+einsum_attention = attention_lib.einsum_attention
 
 
 class Attention(nn.Module):
   """Multi-head self-attention with q/v bias and no k bias, as in the reference.
 
-  One fused qkv projection (rows [q; k; v], head-major). ``implementation`` (None: per backend,
-  see :func:`resolve_attention_impl`): "cpu_fused" (the AVX512-BF16 kernel on the packed qkv,
-  bfloat16), "einsum" (two einsums, float32 softmax, optional recomputation of the
-  probabilities), or "xla"/"cudnn" for ``jax.nn.dot_product_attention``.
+  One fused qkv projection (rows [q; k; v], head-major), then
+  :func:`attention.dot_product_attention` with ``implementation`` (None: the best for the
+  platform being compiled, chosen at lowering time; see that module for the others).
+  ``remat_probs`` recomputes the probabilities in the backward pass of the einsum path.
   """
 
   num_heads: int
@@ -252,6 +242,7 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
   implementation: str | None = None
   remat_probs: bool = False
+  layers_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -260,69 +251,39 @@ class Attention(nn.Module):
       raise ValueError(f"embed dim {d} is not divisible by num_heads={self.num_heads}")
     hd = d // self.num_heads
     dense = functools.partial(Dense, kernel_init=xavier_uniform, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+                              param_dtype=self.param_dtype, impl=self.layers_impl)
     q_bias = self.param("q_bias", nn.initializers.zeros, (d,), self.param_dtype)
     v_bias = self.param("v_bias", nn.initializers.zeros, (d,), self.param_dtype)
     bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
     qkv = dense(3 * d, use_bias=False, name="qkv")(x, bias)
     qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
-    impl = resolve_attention_impl(self.implementation, self.dtype)
-    if impl == "cpu_fused":
-      out = cpu_attention.attention(qkv.astype(jnp.bfloat16), hd**-0.5).astype(self.dtype)
-    else:
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-      if impl == "einsum":
-        out = einsum_attention(q, k, v, hd**-0.5, self.remat_probs)
-      else:
-        out = jax.nn.dot_product_attention(q, k, v, scale=hd**-0.5, implementation=impl)
+    out = attention_lib.dot_product_attention(qkv, hd**-0.5, self.implementation,
+                                             remat=self.remat_probs)
+    out = checkpoint_name(out, "attn_out")
     return dense(d, name="proj")(out.reshape(b, n, d))
 
 
-def gelu_erf(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU."""
-  return nn.gelu(x, approximate=False)
+# Exact (erf) GELU and the XLA:CPU fused MLP, kept importable from here.
+gelu_erf = cpu_layers.gelu_erf
+mlp = cpu_layers.mlp
 
 
-def _gelu_grad(x: jax.Array, g: jax.Array) -> jax.Array:
-  """g * GELU'(x). The derivative Phi(x) + x*phi(x) is written with erfc and exp, not the
-  forward's erf, so that XLA does not merge it with the forward's intermediates and keep them
-  alive until the backward pass."""
-  xf = x.astype(jnp.float32)
-  cdf = 0.5 * jax.lax.erfc(xf * -np.float32(1 / np.sqrt(2)))
-  pdf = jnp.exp(-0.5 * xf * xf) * np.float32(1 / np.sqrt(2 * np.pi))
-  return (g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array,
-        dtype: Dtype) -> jax.Array:
-  """fc2(gelu(fc1(x))) with :func:`linear` layers, keeping only x and fc1's output for the
-  backward pass: the GELU output (as wide as fc1's) is recomputed there, not stored."""
-  return linear(gelu_erf(linear(x, w1, b1, dtype)), w2, b2, dtype)
-
-
-def _mlp_fwd(x, w1, b1, w2, b2, dtype):
-  h = linear(x, w1, b1, dtype)
-  return linear(gelu_erf(h), w2, b2, dtype), (x, h, w1, b1, w2, b2)
-
-
-def _mlp_bwd(dtype, res, g):
-  x, h, w1, b1, w2, b2 = res
-  da, dw2, db2 = _linear_bwd(dtype, (gelu_erf(h), w2, b2), g)
-  dh = _gelu_grad(h, da)
-  dx, dw1, db1 = _linear_bwd(dtype, (x, w1, b1), dh)
-  return dx, dw1, db1, dw2, db2
-
-
-mlp.defvjp(_mlp_fwd, _mlp_bwd)
+def plain_mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array,
+              dtype: Dtype) -> jax.Array:
+  """fc2(gelu(fc1(x))), exact GELU, with its activations named for remat policies."""
+  h = checkpoint_name(plain_linear(x, w1, b1, dtype), "fc1")
+  a = checkpoint_name(gelu_erf(h), "mlp_hidden")
+  return checkpoint_name(plain_linear(a, w2, b2, dtype), "fc2")
 
 
 class Mlp(nn.Module):
-  """fc1 -> exact (erf) GELU -> fc2, as one :func:`mlp`."""
+  """fc1 -> exact (erf) GELU -> fc2: :func:`plain_mlp`, or on XLA:CPU the fused
+  :func:`cpu.mlp` (which recomputes the GELU in its backward pass)."""
 
   hidden_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  layers_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -331,7 +292,9 @@ class Mlp(nn.Module):
                                param_dtype=self.param_dtype)
     w1, b1 = params(self.hidden_dim, name="fc1")(d)
     w2, b2 = params(d, name="fc2")(self.hidden_dim)
-    return mlp(x.astype(self.dtype), w1, b1, w2, b2, jnp.dtype(self.dtype))
+    dtype = jnp.dtype(self.dtype)
+    return on_platform(self.layers_impl, functools.partial(cpu_layers.mlp, dtype=dtype),
+                       functools.partial(plain_mlp, dtype=dtype), x.astype(dtype), w1, b1, w2, b2)
 
 
 def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array) -> jax.Array:
@@ -356,6 +319,7 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   attention_remat: bool = False
+  layers_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, drop_rate: jax.Array | float, deterministic: bool):
@@ -373,19 +337,52 @@ class Block(nn.Module):
 
     y = layer_norm(self.layer_norm_eps, "norm1")(x)
     y = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl,
-                  self.attention_remat, name="attn")(y)
+                  self.attention_remat, layers_impl=self.layers_impl, name="attn")(y)
     x = residual(x, y, "gamma_1")
     y = layer_norm(self.layer_norm_eps, "norm2")(x)
-    y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
+    y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, self.layers_impl, name="mlp")(y)
     x = residual(x, y, "gamma_2")
-    return x, None
+    x = with_logical_constraint(x, ("batch", None, None))
+    return checkpoint_name(x, "block_out"), None
+
+
+PLAIN_REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
+                        "checkpoint_dots", "dots_with_no_batch_dims_saveable",
+                        "checkpoint_dots_with_no_batch_dims")
+NAMED_REMAT_POLICIES = ("save_only_these_names", "save_any_names_but_these")
+
+
+def remat_policy(spec: str) -> Callable:
+  """A ``jax.checkpoint_policies`` policy from its name, e.g. ``"nothing_saveable"``,
+  ``"dots_saveable"``, or a name-taking one with its names after a colon:
+  ``"save_only_these_names:qkv,fc1"`` (names from :data:`CHECKPOINT_NAMES`).
+
+  Policies see the plain layers only: the XLA:CPU custom-VJP layers (``layers_impl=None`` on a
+  CPU, or ``"cpu"``) keep their own residuals, so use ``layers_impl="plain"`` to apply a policy
+  on the CPU.
+  """
+  name, sep, args = spec.partition(":")
+  if name in PLAIN_REMAT_POLICIES and not sep:
+    return getattr(jax.checkpoint_policies, name)
+  if name in NAMED_REMAT_POLICIES and sep:
+    names = tuple(a.strip() for a in args.split(",") if a.strip())
+    unknown = sorted(set(names) - set(CHECKPOINT_NAMES))
+    if unknown:
+      raise ValueError(f"remat_policy={spec!r}: unknown checkpoint names {unknown}; the model "
+                       f"names {', '.join(CHECKPOINT_NAMES)}")
+    return getattr(jax.checkpoint_policies, name)(*names)
+  raise ValueError(f"remat_policy={spec!r}: use one of {', '.join(PLAIN_REMAT_POLICIES)}, or "
+                   f"{' / '.join(n + ':NAME,...' for n in NAMED_REMAT_POLICIES)} with names "
+                   f"from {', '.join(CHECKPOINT_NAMES)}")
 
 
 class BlockStack(nn.Module):
   """``depth`` blocks with drop-path rates linspace(0, rate, depth); remat and scan are knobs.
 
   With ``scan`` the block parameters are stacked on a leading axis under ``blocks``; without it
-  they live under ``blocks_{i}``.
+  they live under ``blocks_{i}``. ``remat`` checkpoints each block with
+  :func:`remat_policy` ``(remat_policy)``; under ``scan`` without ``prevent_cse`` (the loop
+  already keeps XLA from merging the recomputation into the forward pass).
   """
 
   depth: int
@@ -401,18 +398,20 @@ class BlockStack(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan: bool = False
+  layers_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     rates = np.linspace(0.0, self.drop_path_rate, self.depth).astype(np.float32)
+    check_layers_impl(self.layers_impl)
+    policy = remat_policy(self.remat_policy)  # checked with or without remat
     block_cls = Block
     if self.remat:
-      block_cls = nn.remat(Block, static_argnums=(3,),
-                           policy=getattr(jax.checkpoint_policies, self.remat_policy))
+      block_cls = nn.remat(Block, static_argnums=(3,), policy=policy, prevent_cse=not self.scan)
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_norm_eps=self.layer_norm_eps,
               init_values=self.init_values, use_drop_path=self.drop_path_rate > 0,
               dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-              attention_remat=self.attention_remat)
+              attention_remat=self.attention_remat, layers_impl=self.layers_impl)
     if self.scan:
       stack = nn.scan(block_cls, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True},

@@ -1,0 +1,1 @@
+"""Pallas TPU kernels (Mosaic), used by :mod:`videomae_jax.models.attention` on TPU only."""

@@ -1,0 +1,110 @@
+"""Self-attention on TPU through jax's Pallas splash attention kernel.
+
+The kernel needs sequence blocks of multiples of 128 lanes, so the token axis is padded
+(1568 -> 1664, 160 -> 256, 944 -> 1024) and segment ids keep real and padded tokens apart:
+padded queries attend only to padding (their rows stay finite and are sliced off), real queries
+never see a padded key. Blocks divide the padded length; the key/value block spans the whole
+sequence where it fits, so each head's keys and values are read from HBM once per query pass
+and the fused backward kernel writes one dq partial.
+
+Mosaic kernels are opaque to the SPMD partitioner: under a mesh the call runs in ``shard_map``
+over the mesh's batch axes (each device attends over its own clips), without one it is called
+directly.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
+
+LANES = 128
+BATCH_AXES = ("data", "fsdp")  # the trainer's mesh axes that split the batch
+_MAX_BLOCK_Q = 512
+_MAX_BLOCK_KV = 2048
+_MAX_BLOCK_COMPUTE = 512
+
+
+def padded_length(n: int) -> int:
+  """Tokens rounded up to a multiple of 128."""
+  return -(-n // LANES) * LANES
+
+
+def _largest_block(n_pad: int, limit: int) -> int:
+  """The largest multiple of 128 that divides ``n_pad`` and is at most ``limit``."""
+  return max(b for b in range(LANES, min(limit, n_pad) + 1, LANES) if n_pad % b == 0)
+
+
+def block_sizes(n_pad: int) -> splash.BlockSizes:
+  bq = _largest_block(n_pad, _MAX_BLOCK_Q)
+  bkv = _largest_block(n_pad, _MAX_BLOCK_KV)
+  bkv_compute = _largest_block(bkv, _MAX_BLOCK_COMPUTE)
+  return splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv_compute,
+                           block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv_compute,
+                           use_fused_bwd_kernel=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(heads: int, n_pad: int, interpret: bool):
+  mask = splash.MultiHeadMask([splash.FullMask((n_pad, n_pad))] * heads)
+  # Concrete mask-info arrays, not tracers of whichever trace first asks (they are cached).
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(mask, block_sizes=block_sizes(n_pad), head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, n: int, interpret: bool) -> jax.Array:
+  """(B, H, N_pad, D) already scaled and padded -> (B, H, N_pad, D)."""
+  _, h, n_pad, _ = q.shape
+  kernel = _kernel(h, n_pad, interpret)
+  if n_pad == n:
+    return jax.vmap(kernel)(q, k, v)
+  ids = (jnp.arange(n_pad) >= n).astype(jnp.int32)
+  return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, splash.SegmentIds(q=ids, kv=ids))
+
+
+def _batch_axes(batch: int) -> tuple[tuple[str, ...], jax.sharding.AbstractMesh | None]:
+  """The mesh in context (``jax.set_mesh`` / ``with mesh``) and the axes of it that split a
+  batch of ``batch`` clips; ``((), None)`` without a multi-device mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    from jax._src import mesh as mesh_lib  # `with Mesh(...)`: the legacy context
+    concrete = mesh_lib.thread_resources.env.physical_mesh
+    if concrete.empty:
+      return (), None
+    mesh = concrete.abstract_mesh
+  if mesh.size == 1:
+    return (), None
+  axes = tuple(a for a in mesh.axis_names if a in BATCH_AXES and mesh.shape[a] > 1)
+  size = 1
+  for a in axes:
+    size *= mesh.shape[a]
+  # A batch the axes do not divide (e.g. one clip for init) runs whole on every device.
+  return (axes if axes and batch % size == 0 else ()), mesh
+
+
+def attention(qkv: jax.Array, scale: float, *, interpret: bool = False) -> jax.Array:
+  """softmax(q k^T * scale) v for packed ``qkv`` (B, N, 3, heads, head_dim) -> (B, N, heads,
+  head_dim), in ``qkv``'s dtype (the kernel accumulates in float32)."""
+  b, n, three, h, d = qkv.shape
+  if three != 3:
+    raise ValueError(f"qkv must be (B, N, 3, heads, head_dim), got {qkv.shape}")
+  n_pad = padded_length(n)
+  # One transposing copy to the kernel's (B, H, N, D) layout; the scale and the padding ride
+  # along in it.
+  qkv = jnp.moveaxis(qkv, (2, 3), (0, 2))  # (3, B, H, N, D)
+  qkv = qkv * jnp.asarray([scale, 1, 1], qkv.dtype)[:, None, None, None, None]
+  if n_pad != n:
+    qkv = jnp.pad(qkv, ((0, 0), (0, 0), (0, 0), (0, n_pad - n), (0, 0)))
+  q, k, v = qkv[0], qkv[1], qkv[2]
+
+  attend = functools.partial(_attend, n=n, interpret=interpret)
+  axes, mesh = _batch_axes(b)
+  if mesh is not None:
+    spec = P(axes if axes else None)
+    attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                           check_vma=False)
+  out = attend(q, k, v)
+  return jnp.moveaxis(out[:, :, :n], 1, 2)
