@@ -105,12 +105,17 @@ def _file_size_limit(limit):
   return apply
 
 
-def test_failed_write_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, trained_to_8):
+# 16: a periodic save (12) fails, found at the next save; 10: only the final save fails, found
+# when the run waits for it at the end.
+@pytest.mark.parametrize("total_steps", [16, 10])
+def test_failed_write_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, trained_to_8,
+                                                                       total_steps):
   work = tmp_path / "w"
   shutil.copytree(trained_to_8, work)
   # Smaller than the state's largest array file, larger than every other file the run writes.
   limit = os.path.getsize(_largest_array_file(os.path.join(work, "checkpoints", "8"))) // 2
-  proc = subprocess.run(h.command(work, "--config.total_steps=16"), cwd=h.REPO, env=h.env(),
+  proc = subprocess.run(h.command(work, f"--config.total_steps={total_steps}"), cwd=h.REPO,
+                        env=h.env(),
                         capture_output=True, text=True, timeout=300,
                         preexec_fn=_file_size_limit(limit))
   assert proc.returncode != 0
@@ -118,7 +123,25 @@ def test_failed_write_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
   assert "resumed from step 8" in err
   assert "could not be written" in err and os.path.join(str(work), "checkpoints") in err, \
       err[-4000:]
-  assert 8 in h.checkpoint_steps(work)
-  res = h.run(work, "--config.total_steps=10")
+  assert max(h.checkpoint_steps(work)) == 8 and 4 in h.checkpoint_steps(work)
+  res = h.run(work, f"--config.total_steps={total_steps}")
   assert "resumed from step 8" in res.stderr
-  assert max(h.checkpoint_steps(work)) == 10
+  assert max(h.checkpoint_steps(work)) == total_steps
+
+
+def test_damaged_array_bytes_stop_the_run_and_the_next_launch_resumes_earlier(tmp_path,
+                                                                             trained_to_8):
+  """Bytes damaged without a size change are only found by restoring; the input pipeline
+  already starts at that step then, so the run stops and asks to be run again."""
+  work = tmp_path / "w"
+  shutil.copytree(trained_to_8, work)
+  target = _largest_array_file(os.path.join(work, "checkpoints", "8"))
+  with open(target, "r+b") as f:
+    f.write(b"\0" * os.path.getsize(target))
+  proc = h.run(work, "--config.total_steps=8", check=False)
+  assert proc.returncode != 0
+  assert "checkpoint step 8" in proc.stderr and "run again to resume from step 4" in proc.stderr
+  assert os.path.isdir(os.path.join(work, "checkpoints", "8.corrupt"))
+  res = h.run(work, "--config.total_steps=8")
+  assert "resumed from step 4" in res.stderr
+  assert h.checkpoint_steps(work) == [4, 8]

@@ -40,6 +40,7 @@ log = logging.getLogger("videomae_jax.checkpoint")
 CORRUPT_SUFFIX = ".corrupt"
 SIZES_FILE = "file_sizes.json"
 _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's commit record of a step
+_UNKNOWN = object()
 
 # Model fields that may change on resume: they change neither the parameter tree nor the
 # arithmetic of a step beyond rounding (compute dtype, recomputation, attention kernel).
@@ -164,7 +165,7 @@ class Checkpointer:
     self._preempted = threading.Event()
     self._last_saved: int | None = None
     self._pending: int | None = None
-    self._usable: int | None | bool = False  # False: not looked for yet
+    self._usable: Any = _UNKNOWN  # the step latest_step() found
     self._prev_handler = None
 
   # ---- preemption -------------------------------------------------------------------------
@@ -229,26 +230,26 @@ class Checkpointer:
       return f"{type(e).__name__}: {e}"
     return None
 
-  def _set_aside(self, step: int, why: str) -> None:
+  def _set_aside(self, step: int, why: str, then: str) -> None:
     dst = self._step_dir(step) + CORRUPT_SUFFIX
     n = 1
     while os.path.exists(dst):
       dst = f"{self._step_dir(step)}{CORRUPT_SUFFIX}{n}"
       n += 1
     if self.read_only:
-      log.warning("checkpoint step %d in %s is unreadable (%s); skipping it", step,
-                  self.directory, why)
+      log.warning("checkpoint step %d in %s is unreadable (%s); %s", step, self.directory, why,
+                  then)
       return
     if jax.process_index() == 0:
       os.rename(self._step_dir(step), dst)
-    log.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s and falling back "
-                "to the previous checkpoint", step, self.directory, why, dst)
+    log.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s, %s", step,
+                self.directory, why, dst, then)
 
   # ---- save / restore ---------------------------------------------------------------------
 
   def latest_step(self) -> int | None:
     """The newest usable checkpoint's step (unreadable ones are set aside), or None."""
-    if self._usable is not False:
+    if self._usable is not _UNKNOWN:
       return self._usable
     usable = None
     self.manager.reload()
@@ -257,7 +258,7 @@ class Checkpointer:
       if why is None:
         usable = step
         break
-      self._set_aside(step, why)
+      self._set_aside(step, why, "falling back to the previous checkpoint")
     if jax.process_count() > 1:  # every process resumes where process 0 does
       usable = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if usable is None
                                                                  else usable)))
@@ -388,9 +389,8 @@ class Checkpointer:
       if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
         raise  # the checkpoint is fine, the device is not
       # The input pipeline already starts at `step`: falling back here would misalign it.
-      self._set_aside(step, f"{type(e).__name__}: {e}")
-      self.manager.reload()
-      self._usable = False
+      self._set_aside(step, f"{type(e).__name__}: {e}", "stopping")
+      self._usable = _UNKNOWN
       prev = self.latest_step()
       raise CheckpointError(
           f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: {e}); "
