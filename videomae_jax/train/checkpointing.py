@@ -43,9 +43,10 @@ _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's commit record of a step
 _UNKNOWN = object()
 
 # Model fields that may change on resume: they change neither the parameter tree nor the
-# arithmetic of a step beyond rounding (compute dtype, recomputation, attention kernel).
+# arithmetic of a step beyond rounding (compute dtype, recomputation, attention and matmul
+# kernels). The stored array shapes are checked as well, whatever the fields say.
 RESUMABLE_MODEL_FIELDS = frozenset(
-    {"dtype", "remat", "remat_policy", "attention_impl", "attention_remat"})
+    {"dtype", "remat", "remat_policy", "attention_impl", "attention_remat", "layers_impl"})
 # The meta entries a resumed run must share with the checkpoint.
 GUARDED_META = ("seed", "batch_size", "model", "data")
 
