@@ -41,6 +41,10 @@ class _VideoViTFields(nn.Module):
   # "decoder" (the decoder attends over all N tokens; its B*heads*N^2 probabilities dominate
   # the step's memory) or "all".
   attention_remat: str = "decoder"
+  # Matmul layers: None = per platform at lowering time (the XLA:CPU custom-VJP forms of
+  # models/cpu on a CPU, plain Linen layers elsewhere), "plain" or "cpu" to force one.
+  # remat_policy sees the plain layers only.
+  layers_impl: str | None = None
 
   @property
   def image_hw(self) -> tuple[int, int]:
@@ -74,6 +78,8 @@ class _VideoViTFields(nn.Module):
     if self.embed_dim % self.num_heads:
       raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads "
                        f"{self.num_heads}")
+    layers.check_layers_impl(self.layers_impl)
+    layers.remat_policy(self.remat_policy)
     if self.attention_remat not in ("none", "decoder", "all"):
       raise ValueError(f"attention_remat={self.attention_remat!r}: use 'none', 'decoder' or "
                        "'all'")
@@ -95,7 +101,8 @@ class _VideoViTFields(nn.Module):
         depth=depth, num_heads=num_heads, mlp_dim=int(width * self.mlp_ratio),
         layer_norm_eps=self.layer_norm_eps, dtype=jnp.dtype(self.dtype),
         param_dtype=jnp.dtype(self.param_dtype), attention_impl=self.attention_impl,
-        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan, parent=None, **kw)
+        remat=self.remat, remat_policy=self.remat_policy, scan=self.scan,
+        layers_impl=self.layers_impl, parent=None, **kw)
 
   def _encoder(self, use_final_norm: bool) -> "Encoder":
     blocks = self._blocks(self.depth, self.num_heads, self.embed_dim,
@@ -104,7 +111,8 @@ class _VideoViTFields(nn.Module):
     return Encoder(patch_size=self.patch_size, tubelet_size=self.tubelet_size,
                    embed_dim=self.embed_dim, blocks=blocks, layer_norm_eps=self.layer_norm_eps,
                    use_final_norm=use_final_norm, dtype=jnp.dtype(self.dtype),
-                   param_dtype=jnp.dtype(self.param_dtype), name="encoder")
+                   param_dtype=jnp.dtype(self.param_dtype), layers_impl=self.layers_impl,
+                   name="encoder")
 
 
 class Encoder(nn.Module):
@@ -118,18 +126,20 @@ class Encoder(nn.Module):
   use_final_norm: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  layers_impl: str | None = None
 
   @nn.compact
   def __call__(self, video: jax.Array, visible_idx: jax.Array | None = None, *,
                deterministic: bool = True) -> jax.Array:
     x = layers.CubeEmbed(self.embed_dim, self.patch_size, self.tubelet_size, self.dtype,
-                         self.param_dtype, name="patch_embed")(video, visible_idx)
+                         self.param_dtype, self.layers_impl, name="patch_embed")(video, visible_idx)
     # Each token gets its own position, as when the reference adds the table before dropping
     # masked tokens; only the visible ones are ever embedded.
     t, h, w = (video.shape[1] // self.tubelet_size, video.shape[2] // self.patch_size,
                video.shape[3] // self.patch_size)
     pos = jnp.asarray(layers.sincos_table(t * h * w, self.embed_dim))
     x = x.astype(jnp.float32) + (pos if visible_idx is None else pos[visible_idx])
+    x = layers.with_logical_constraint(x, ("batch", None, None))
     x = self.blocks(x, deterministic)
     if self.use_final_norm:
       x = layers.layer_norm(self.layer_norm_eps, "norm")(x)
@@ -144,14 +154,16 @@ class Decoder(nn.Module):
   final_norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  layers_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, num_return: int) -> jax.Array:
+    x = layers.with_logical_constraint(x, ("batch", None, None))
     x = self.blocks(x, True)
     x = x[:, -num_return:]
     x = layers.layer_norm(self.final_norm_eps, "norm")(x)
     return layers.Dense(self.out_dim, kernel_init=layers.xavier_uniform, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="head")(x)
+                        param_dtype=self.param_dtype, impl=self.layers_impl, name="head")(x)
 
 
 class VideoMAEPretrain(_VideoViTFields):
@@ -199,7 +211,8 @@ class VideoMAEPretrain(_VideoViTFields):
     x = self._encoder(use_final_norm=True)(video.astype(dtype), mask.visible_idx,
                                            deterministic=not train)
     x = layers.Dense(d, use_bias=False, kernel_init=layers.torch_default_kernel_init, dtype=dtype,
-                 param_dtype=self.param_dtype, name="encoder_to_decoder")(x)
+                     param_dtype=self.param_dtype, impl=self.layers_impl,
+                     name="encoder_to_decoder")(x)
     mask_token = self.param("mask_token", layers.trunc_normal_init(0.02), (1, 1, d),
                             self.param_dtype)
 
@@ -215,7 +228,7 @@ class VideoMAEPretrain(_VideoViTFields):
         blocks=blocks, out_dim=self.patch_dim,
         final_norm_eps=(self.layer_norm_eps if self.decoder_norm_eps is None
                         else self.decoder_norm_eps),
-        dtype=dtype, param_dtype=jnp.dtype(self.param_dtype),
+        dtype=dtype, param_dtype=jnp.dtype(self.param_dtype), layers_impl=self.layers_impl,
         name="decoder")(x_full, target_idx.shape[1])
     return pred.astype(jnp.float32)
 
@@ -244,5 +257,5 @@ class VideoMAEClassifier(_VideoViTFields):
       return layers.trunc_normal_init(0.02)(key, shape, dtype) * scale
 
     logits = layers.Dense(self.num_classes, kernel_init=head_init, dtype=dtype,
-                      param_dtype=self.param_dtype, name="head")(x)
+                          param_dtype=self.param_dtype, impl=self.layers_impl, name="head")(x)
     return logits.astype(jnp.float32)
