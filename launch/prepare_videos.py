@@ -1,14 +1,16 @@
-"""Prepares videos for pre-training: resize, re-encode to h264 mp4, verify, write a clean list.
+"""Prepares videos for pre-training: resize, re-encode to h264 mp4 or to a frame store, verify.
 
   python -m launch.prepare_videos --src_dir /data/k400/train --out_dir /data/k400_320
   python -m launch.prepare_videos --src_list train.csv --root /data/ssv2 --out_dir /data/ssv2_mp4
+  python -m launch.prepare_videos --format=frames --src_dir /data/k400/train \\
+      --out_dir /data/k400_frames [--short_side 256 --jpeg_quality 90 --num_shards N]
 
-Every input (mp4, webm, avi, ...) is decoded sequentially (frame-exact), scaled
-so its short side is `--short_side` (never enlarged), and written as h264 mp4
-with one keyframe per `--keyframe_s` seconds: sparse keyframes (x264's default is
-one per 250 frames) make every seek decode more frames, about 2x the CPU cost
-per clip. Each output is then opened with the training reader and a few frames
-are decoded. Writes, under `--out_dir`:
+`--format=mp4` (default): every input (mp4, webm, avi, ...) is decoded sequentially
+(frame-exact), scaled so its short side is `--short_side` (default 320, never
+enlarged), and written as h264 mp4 with one keyframe per `--keyframe_s` seconds:
+sparse keyframes (x264's default is one per 250 frames) make every seek decode more
+frames, about 2x the CPU cost per clip. Each output is then opened with the training
+reader and a few frames are decoded. Writes, under `--out_dir`:
   <relative path>.mp4  one per input, at the input's path relative to --src_dir
                   (--root, or the inputs' common folder); inputs that are not mp4
                   keep their extension (`sub/a.avi` -> `sub/a.avi.mp4`), so
@@ -19,11 +21,21 @@ are decoded. Writes, under `--out_dir`:
 Existing outputs that decode are kept, so an interrupted run can be restarted.
 `--workers` processes each decode and encode with `--threads` threads; by default
 their product is the number of cores available to this process.
+
+`--format=frames`: a frame store for `config.data.frame_store=<out_dir>`
+(`videomae_jax/data/frame_store.py`): every frame of every video, in order, as a JPEG
+at `--short_side` (default 256) and `--jpeg_quality` (default 90), in `--num_shards`
+ArrayRecord shards (0: one per 256 videos, at least one per worker) with per-video
+metadata (frame count, fps, label, source path, sizes). Every stored frame is decoded
+back before its shard counts as finished; failures go to bad_files.txt. Shards are
+written in parallel (one single-threaded worker per core by default); finished shards
+(index present, byte size matching) are skipped when the command runs again.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import multiprocessing
 import os
 import sys
 import time
@@ -184,6 +196,80 @@ def process(src: str, rel: str, out_dir: str, args) -> tuple[str, str | None]:
     return src, f'{type(e).__name__}: {e}'.replace('\n', ' ')
 
 
+def plan_shards(records: list[VideoRecord], base: str, num_shards: int, workers: int
+                ) -> list[list[tuple[str, str, int]]]:
+  """Contiguous slices of the distinct inputs, (path, source name, label) each, in input
+  order; a source listed twice is stored once (first label). Source names are paths
+  relative to the inputs' folder (as `output_paths` mirrors them)."""
+  b = source_base(records, base)
+  seen, videos = set(), []
+  for r in records:
+    src = os.path.abspath(r.path)
+    if src not in seen:
+      seen.add(src)
+      videos.append((src, os.path.relpath(src, b), int(r.label)))
+  n = num_shards if num_shards > 0 else max(workers, -(-len(videos) // 256))
+  n = max(1, min(n, len(videos)))
+  return [videos[k * len(videos) // n:(k + 1) * len(videos) // n] for k in range(n)]
+
+
+def make_frame_store(records: list[VideoRecord], base: str, out_dir: str, short_side: int,
+                     quality: int, num_shards: int, workers: int) -> int:
+  """`--format=frames`: writes (or completes) the frame store; returns the exit code."""
+  from videomae_jax.data import frame_store  # pylint: disable=g-import-not-at-top
+  frame_store._array_record()  # pylint: disable=protected-access  # Fails before any work.
+  plan = plan_shards(records, base, num_shards, workers)
+  names = [frame_store.shard_name(k, len(plan)) for k in range(len(plan))]
+  os.makedirs(out_dir, exist_ok=True)
+  todo = []
+  for name, videos in zip(names, plan):
+    index = frame_store.read_shard_index(out_dir, name)
+    if (index is None or index.get('planned') != [s for _, s, _ in videos]
+        or index.get('short_side') != short_side or index.get('jpeg_quality') != quality):
+      todo.append((name, videos))
+  total = sum(map(len, plan))
+  print(f'{total} videos in {len(plan)} shards ({len(plan) - len(todo)} finished), '
+        f'{min(workers, max(1, len(todo)))} workers', flush=True)
+  t0 = time.time()
+  # Spawned, not forked: the caller may hold TensorFlow/JAX threads, unsafe across fork().
+  ctx = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(todo) or 1)),
+                                              mp_context=ctx) as pool:
+    futures = [pool.submit(frame_store.write_shard, out_dir, name, videos, short_side, quality)
+               for name, videos in todo]
+    for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+      index = fut.result()
+      for path, reason in index['bad']:
+        print(f'bad: {path}: {reason}', file=sys.stderr)
+      print(f'{i}/{len(todo)} shards written ({index["shard"]}: {len(index["videos"])} videos), '
+            f'{time.time() - t0:.0f}s', flush=True)
+  stored = frames = 0
+  hours = 0.0
+  sources = set()
+  for name in names:
+    index = frame_store.read_shard_index(out_dir, name)
+    stored += index['file_size']
+    for v in index['videos']:
+      frames += v['num_frames']
+      hours += v['num_frames'] / (v['fps'] or 25.0) / 3600
+      sources.add(v['source'])
+  num_videos = len(sources)
+  src_bytes = sum(os.path.getsize(p) for videos in plan for p, s, _ in videos if s in sources)
+  bad = list(frame_store.iter_bad(out_dir, names))
+  with open(os.path.join(out_dir, 'bad_files.txt'), 'w') as f:
+    f.writelines(f'{path}\t{reason}\n' for path, reason in bad)
+  if not num_videos:
+    print(f'no video could be stored; {len(bad)} bad -> bad_files.txt', file=sys.stderr)
+    return 1
+  frame_store.write_store_file(out_dir, names, short_side, quality, num_videos)
+  per_hour = stored / max(hours, 1e-9) / 1e9
+  print(f'{num_videos} videos, {frames} frames ({hours * 60:.1f} min) -> {out_dir} '
+        f'(use data.frame_store={out_dir}); {stored / 1e6:.1f} MB, {per_hour:.2f} GB per hour '
+        f'of video ({stored / max(src_bytes, 1):.1f}x the {src_bytes / 1e6:.1f} MB of the '
+        f'inputs); {len(bad)} bad -> bad_files.txt')
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
   src.add_argument('--src_list', help='annotation list, `path label` per line')
   p.add_argument('--root', default='', help='prefix for relative paths of --src_list')
   p.add_argument('--out_dir', required=True)
-  p.add_argument('--short_side', type=int, default=320, help='0 keeps the stored size')
+  p.add_argument('--format', choices=('mp4', 'frames'), default='mp4',
+                 help='mp4: h264 files and a train list; frames: a frame store')
+  p.add_argument('--short_side', type=int, default=None,
+                 help='0 keeps the stored size (default 320 for mp4, 256 for frames)')
+  p.add_argument('--jpeg_quality', type=int, default=90, help='frames: JPEG quality')
+  p.add_argument('--num_shards', type=int, default=0,
+                 help='frames: shards (0: one per 256 videos, at least one per worker)')
   p.add_argument('--crf', type=int, default=23)
   p.add_argument('--preset', default='veryfast')
   p.add_argument('--keyframe_s', type=float, default=1.0, help='seconds between keyframes')
@@ -213,6 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
       records = load_annotation_list(args.src_list, args.root)
       base = args.root
+    if args.short_side is None:
+      args.short_side = 256 if args.format == 'frames' else 320
+    if args.format == 'frames':
+      if not 1 <= args.jpeg_quality <= 100:
+        raise ValueError(f'--jpeg_quality={args.jpeg_quality}: expected 1..100')
+      workers = args.workers if args.workers > 0 else available_cores()
+      return make_frame_store(records, base, args.out_dir, args.short_side, args.jpeg_quality,
+                              args.num_shards, workers)
     rels = output_paths(records, base)  # Before any work: two inputs, one output.
     workers, args.threads = plan_parallelism(available_cores(), args.workers, args.threads)
   except (SourceError, ValueError) as e:

@@ -57,30 +57,58 @@ def sample_crop_box(image_w: int, image_h: int, input_size: int, scales: Sequenc
   return CropBox(x, y, crop_w, crop_h)
 
 
+def frame_box(box: CropBox, stored_size: tuple[int, int],
+              frame_size: tuple[int, int]) -> tuple[int, int, int, int]:
+  """`box` (stored-video pixels) in pixels of a frame of `frame_size` (w, h): (x0, y0, x1, y1).
+
+  The rounding every renderer uses, so a crop covers the same part of the scene whatever
+  resolution its frames were decoded at.
+  """
+  stored_w, stored_h = stored_size
+  w, h = frame_size
+  sx, sy = w / stored_w, h / stored_h
+  x0, y0 = int(round(box.x * sx)), int(round(box.y * sy))
+  x1 = min(w, max(x0 + 1, int(round((box.x + box.w) * sx))))
+  y1 = min(h, max(y0 + 1, int(round((box.y + box.h) * sy))))
+  return x0, y0, x1, y1
+
+
+# Shrinking by less than this factor uses bilinear interpolation: its aliasing is negligible
+# there and it costs half of area interpolation (256 -> 224 px: 0.09 against 0.17 ms a frame).
+AREA_SHRINK_FACTOR = 1.5
+
+
+def resize_crops(crops: Sequence[np.ndarray] | np.ndarray, input_size: int,
+                 flip: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+  """The T (h, w, 3) crops of one clip (an array or a list of views) to (T, input_size,
+  input_size, 3), optionally flipped, written into `out` when given.
+
+  Shrinking by `AREA_SHRINK_FACTOR` or more uses area interpolation (close to PIL's
+  antialiased bilinear of the reference), anything else bilinear.
+  """
+  _single_threaded_cv2()
+  h, w = crops[0].shape[:2]
+  area = min(w, h) >= AREA_SHRINK_FACTOR * input_size
+  interp = cv2.INTER_AREA if area else cv2.INTER_LINEAR
+  if out is None:
+    out = np.empty((len(crops), input_size, input_size, 3), np.uint8)
+  for t in range(len(crops)):
+    cv2.resize(crops[t], (input_size, input_size), dst=out[t], interpolation=interp)
+  if flip:
+    out[...] = out[:, :, ::-1]  # numpy buffers overlapping copies.
+  return out
+
+
 def crop_resize(frames: np.ndarray, box: CropBox, stored_size: tuple[int, int],
                 input_size: int, flip: bool = False) -> np.ndarray:
   """Applies one crop (given in stored-video pixels) to every frame of a clip.
 
   `frames` (T, h, w, 3) uint8 may be decoded at a reduced resolution; the box is
-  scaled to it, so the crop covers the same part of the scene as on the stored
-  video. Shrinking uses area interpolation (close to PIL's antialiased bilinear
-  of the reference), enlarging bilinear.
+  scaled to it (`frame_box`), so the crop covers the same part of the scene as on the
+  stored video; then `resize_crops`.
   """
-  _single_threaded_cv2()
-  stored_w, stored_h = stored_size
-  h, w = frames.shape[1:3]
-  sx, sy = w / stored_w, h / stored_h
-  x0, y0 = int(round(box.x * sx)), int(round(box.y * sy))
-  x1 = min(w, max(x0 + 1, int(round((box.x + box.w) * sx))))
-  y1 = min(h, max(y0 + 1, int(round((box.y + box.h) * sy))))
-  shrink = (x1 - x0) > input_size and (y1 - y0) > input_size
-  interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-  out = np.empty((frames.shape[0], input_size, input_size, 3), np.uint8)
-  for t in range(frames.shape[0]):
-    out[t] = cv2.resize(frames[t, y0:y1, x0:x1], (input_size, input_size), interpolation=interp)
-  if flip:
-    out = out[:, :, ::-1]
-  return out
+  x0, y0, x1, y1 = frame_box(box, stored_size, (frames.shape[2], frames.shape[1]))
+  return resize_crops(frames[:, y0:y1, x0:x1], input_size, flip)
 
 
 def decode_size(stored_w: int, stored_h: int, short_side: int) -> tuple[int, int] | None:

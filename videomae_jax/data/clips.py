@@ -27,23 +27,36 @@ def make_clips(video: readers.VideoFile, rng: np.random.Generator, data_config,
 
   Returns (num_sample, T, input_size, input_size, 3) uint8. The window is shared
   by the `num_sample` clips (repeated sampling); each gets its own crop and flip.
+  The generator draws the frame indices, then (crop, flip) per clip, whatever the
+  reader: a video that knows its stored size before decoding and can render crops
+  itself (`render_clips`, the frame store) decodes only what the crops need.
   """
   c = data_config
   n = num_frames_override or video.num_frames
   if n < max(1, c.get('min_frames', 1)):
     raise readers.DecodeError(f'{video.path}: too short ({n} frames, min_frames={c.min_frames})')
   idx = sampling.sample_frame_indices(n, c.num_frames, c.sampling_rate, rng)
+  render = getattr(video, 'render_clips', None)
+  if render is not None and video.stored_size:
+    crops = [_sample_crop(video.stored_size, c, rng) for _ in range(c.num_sample)]
+    return render(idx, crops, c.input_size)
   frames = video.get_frames(idx)
   if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3:
     raise readers.DecodeError(f'{video.path}: decoder returned frames of shape {frames.shape}')
-  stored_w, stored_h = video.stored_size or (frames.shape[2], frames.shape[1])
+  stored = video.stored_size or (frames.shape[2], frames.shape[1])
   out = []
   for _ in range(c.num_sample):
-    box = augment.sample_crop_box(stored_w, stored_h, c.input_size, tuple(c.scales),
-                                  c.get('max_distort', 1), rng)
-    flip = bool(c.flip) and bool(rng.integers(2))
-    out.append(augment.crop_resize(frames, box, (stored_w, stored_h), c.input_size, flip))
+    box, flip = _sample_crop(stored, c, rng)
+    out.append(augment.crop_resize(frames, box, stored, c.input_size, flip))
   return np.stack(out)
+
+
+def _sample_crop(stored_size: tuple[int, int], c, rng: np.random.Generator
+                 ) -> tuple[augment.CropBox, bool]:
+  """One clip's multi-scale crop (in stored-video pixels) and flip."""
+  box = augment.sample_crop_box(stored_size[0], stored_size[1], c.input_size, tuple(c.scales),
+                                c.get('max_distort', 1), rng)
+  return box, bool(c.flip) and bool(rng.integers(2))
 
 
 class TimedDecodes:
@@ -137,7 +150,10 @@ class ClipDecoder:
   """
 
   def __init__(self, records: Sequence[VideoRecord], data_config,
-               stats: BadDataStats | None = None):
+               stats: BadDataStats | None = None,
+               opener: Callable[[int], readers.VideoFile] | None = None):
+    """`opener(i)` opens video i of `records` (the frame store); by default `records[i].path`
+    is a video file opened with `config.data.reader`."""
     if not records:
       raise ValueError('empty video source')
     self.records = list(records)
@@ -146,16 +162,24 @@ class ClipDecoder:
     self.stats.num_files = len(self.records)
     self._short_side = auto_decode_short_side(data_config)
     self._runner = TimedDecodes(data_config.get('max_abandoned_decodes', 4), self.stats)
-    # A missing decoder module fails here, once, instead of as a bad file per video.
-    first = {}
-    for rec in self.records:
-      first.setdefault(readers.resolve_reader(data_config.reader, rec.path), rec.path)
-    for name, path in first.items():
-      readers.import_backend(name, path)
+    self._opener = opener
+    if opener is None:
+      # A missing decoder module fails here, once, instead of as a bad file per video.
+      first = {}
+      for rec in self.records:
+        first.setdefault(readers.resolve_reader(data_config.reader, rec.path), rec.path)
+      for name, path in first.items():
+        readers.import_backend(name, path)
 
-  def _decode(self, path: str, rng_factory: Callable[[], np.random.Generator]) -> np.ndarray:
+  def _open(self, vid: int) -> readers.VideoFile:
+    if self._opener is not None:
+      return self._opener(vid)
+    return readers.open_video(self.records[vid].path, self.config.reader, self._short_side)
+
+  def _decode(self, vid: int, rng_factory: Callable[[], np.random.Generator]) -> np.ndarray:
     c = self.config
-    video = readers.open_video(path, c.reader, self._short_side)
+    path = self.records[vid].path
+    video = self._open(vid)
     try:
       readers.checkpoint(path)  # Abandoned while opening: close the file now.
       return make_clips(video, rng_factory(), c)
@@ -163,18 +187,19 @@ class ClipDecoder:
       # The header overstated the frame count: sample again (same randomness)
       # over the frames that really exist.
       video.close()
-      video = readers.open_video(path, c.reader, self._short_side)
+      video = self._open(vid)
       return make_clips(video, rng_factory(), c, num_frames_override=e.num_frames)
     finally:
       video.close()
 
-  def _decode_with_retry(self, path: str, rng_factory) -> np.ndarray | None:
-    """The clips of `path`, or None once it failed 1 + DECODE_RETRIES times (then bad)."""
+  def _decode_with_retry(self, vid: int, rng_factory) -> np.ndarray | None:
+    """The clips of video `vid`, or None once it failed 1 + DECODE_RETRIES times (then bad)."""
+    path = self.records[vid].path
     timeout_s = float(self.config.get('decode_timeout_s', 0))
     for trial in range(DECODE_RETRIES + 1):
       timed_out = False
       try:
-        return self._runner.run(lambda: self._decode(path, rng_factory), timeout_s, path)
+        return self._runner.run(lambda: self._decode(vid, rng_factory), timeout_s, path)
       except readers.BackendUnavailable as e:
         self.stats.fatal = str(e)  # Not the file's fault: stop, do not skip every video.
         raise
@@ -208,7 +233,7 @@ class ClipDecoder:
       # Attempt-specific stream, separate from the replacement draw above; a
       # retry uses the same stream, so its clips equal an undisturbed decode.
       rng_factory = lambda a=attempt: sampling.example_rng(c.seed, epoch, example, 1000 + a)
-      clips = self._decode_with_retry(rec.path, rng_factory)
+      clips = self._decode_with_retry(vid, rng_factory)
       if clips is None:
         continue
       self.stats.record_success(replaced=attempt > 0)

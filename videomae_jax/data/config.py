@@ -7,7 +7,8 @@ import ml_collections
 def default_data_config() -> ml_collections.ConfigDict:
   """Returns the input-pipeline defaults (K400-style pre-training, 16x4 clips at 224).
 
-  Exactly one of `train_list`, `video_dir` or `tfds_name` selects the source.
+  Exactly one of `train_list`, `video_dir`, `frame_store` or `tfds_name` selects the source
+  (a set `frame_store` takes precedence over `train_list` / `video_dir`).
   """
   c = ml_collections.ConfigDict()
   # Sources (exactly one of train_list / video_dir / tfds_name).
@@ -15,6 +16,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.root = ''              # Prefix joined to relative paths of `train_list`.
   c.video_dir = ''         # Folder scanned recursively for videos.
   c.video_extensions = ('.mp4', '.webm', '.avi', '.mkv', '.mov', '.m4v')
+  c.frame_store = ''       # Folder made by `launch.prepare_videos --format=frames`.
   c.tfds_name = ''         # TFDS dataset with a video feature, e.g. 'ucf101'.
   c.tfds_split = 'train'
   c.tfds_data_dir = ''     # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets).

@@ -140,6 +140,9 @@ def _tf_options(data_config):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   opts = tf.data.Options()
   opts.deterministic = True
+  # Every decode is one thread; TF ops of the map (reshapes) must not start a second pool
+  # of per-core threads on top of the decode threads.
+  opts.threading.max_intra_op_parallelism = 1
   if data_config.get('num_threads', 0):
     opts.threading.private_threadpool_size = int(data_config.num_threads)
   return opts
@@ -218,6 +221,11 @@ def build_pretrain_dataset(data_config, *, global_batch_size: int,
   if data_config.get('tfds_name'):
     from videomae_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     ds = tfds_source.tfds_clip_dataset(data_config, layout, start_step, stats)
+  elif data_config.get('frame_store'):
+    from videomae_jax.data import frame_store  # pylint: disable=g-import-not-at-top
+    store = frame_store.FrameStore(data_config.frame_store)
+    decoder = ClipDecoder(store.records, data_config, stats, opener=store.open)
+    ds = batched_clip_dataset(decoder.load_example, layout, data_config, start_step)
   else:
     decoder = ClipDecoder(file_source_from_config(data_config), data_config, stats)
     ds = batched_clip_dataset(decoder.load_example, layout, data_config, start_step)
@@ -231,18 +239,23 @@ def build_pretrain_dataset(data_config, *, global_batch_size: int,
 # live (a moved dataset resumes), how fast they are decoded, and when to give up. Every other
 # field, including any added later, defines the stream and is compared on resume.
 NON_STREAM_FIELDS = frozenset({
-    'train_list', 'root', 'video_dir', 'tfds_data_dir', 'tfds_manual_dir', 'tfds_download',
+    'train_list', 'root', 'video_dir', 'frame_store', 'tfds_data_dir', 'tfds_manual_dir',
+    'tfds_download',
     'decode_timeout_s', 'max_bad_fraction', 'max_replacements', 'num_parallel_calls',
     'num_threads', 'prefetch'})
 
 
 def source_fingerprint(data_config) -> str | None:
   """sha256 of a file source's videos in order: paths relative to their common folder, and
-  labels. The same videos under another root give the same fingerprint. None for TFDS."""
+  labels (for a frame store: source names, labels and frame counts). The same videos under
+  another root give the same fingerprint. None for TFDS."""
   import hashlib  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   if data_config.get('tfds_name') or data_config.get('synthetic'):
     return None
+  if data_config.get('frame_store'):
+    from videomae_jax.data import frame_store  # pylint: disable=g-import-not-at-top
+    return frame_store.FrameStore(data_config.frame_store).fingerprint()
   if not (data_config.get('train_list') or data_config.get('video_dir')):
     return None
   records = file_source_from_config(data_config)
