@@ -46,13 +46,12 @@ def block_sizes(n_pad: int) -> splash.BlockSizes:
                            use_fused_bwd_kernel=True)
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel(heads: int, n_pad: int, interpret: bool):
+  # Built inside the trace (splash caches the mask processing): its mask-info arrays become
+  # constants of the program rather than arrays put on whatever devices are in context.
   mask = splash.MultiHeadMask([splash.FullMask((n_pad, n_pad))] * heads)
-  # Concrete mask-info arrays, not tracers of whichever trace first asks (they are cached).
-  with jax.ensure_compile_time_eval():
-    return splash.make_splash_mha(mask, block_sizes=block_sizes(n_pad), head_shards=1,
-                                  q_seq_shards=1, interpret=interpret)
+  return splash.make_splash_mha(mask, block_sizes=block_sizes(n_pad), head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, n: int, interpret: bool) -> jax.Array:
