@@ -105,3 +105,20 @@ def test_cost_analysis_of_an_spmd_program_is_per_chip():
   one, four = json.loads(proc.stdout.strip().splitlines()[-1])
   assert one >= 2 * 256 * 512 * 512
   assert four == pytest.approx(one, rel=0.01)
+
+
+def test_planning_table_bisects_to_the_largest_batch_that_fits(tmp_path):
+  out = tmp_path / "table.json"
+  cell = "vit_small:v5e:2x2:config=tests/configs/tiny.py:attention_impl=einsum"
+  proc = subprocess.run(
+      [sys.executable, os.path.join("bench", "aot_table.py"), "--cells", cell, "--batches",
+       "2,4194304", "--json", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+      timeout=600)
+  if proc.returncode and "no TPU topology" in proc.stderr:
+    pytest.skip("libtpu cannot describe a TPU topology here")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  assert sorted(r["per_chip_batch"] for r in rows.values()) == [2, 4194304]
+  assert {r["per_chip_batch"]: r["fits"] for r in rows.values()} == {2: True, 4194304: False}
+  # The table lists the largest batch that fits.
+  assert "| vit_small | v5e:2x2 | 4 x 1 | no | none | 2 |" in proc.stdout

@@ -1,0 +1,220 @@
+r"""Planning table: per model size and TPU slice, the largest per-chip batch whose train step
+fits in HBM, with its roofline bound, from ahead-of-time compiles (``videomae_jax.aot``).
+
+Each cell compiles the recipe of that size (``configs/pretrain_k400_vit_{s,b,l,h}.py``,
+``configs/pretrain_k400_vit_g_v2.py``) with the given mesh, remat and decoder masking, at
+per-chip batches taken from ``--batches`` by bisection: a batch that fits moves the search up,
+one that runs out of HBM moves it down, so a cell costs about log2(len(batches)) + 1 compiles.
+Results are appended to ``--json`` after every compile (a killed run keeps what it measured,
+and a re-run skips compiles already in the file).
+
+  python bench/aot_table.py --cells vit_base:v5e:2x2 --batches 16,32,64 --json aot.json
+  python bench/aot_table.py --cells "vit_giant:v5p:4x4x4:fsdp=16:remat:run_cell" \
+      --batches 16 --json aot.json
+  python bench/aot_table.py --print aot.json          # the markdown table of a results file
+
+A cell is ``size:topology[:fsdp=N][:remat|:noremat][:run_cell|:none][:scan|:noscan]
+[:config=PATH][:k=v...]``; by default the mesh's fsdp, remat and decoder masking are the
+recipe's, scan is on (one block body compiled instead of every block: much faster to compile),
+compute is bf16. ``k=v`` pairs are ``config.model`` overrides (e.g. ``attention_impl=xla``).
+``--lock PATH`` holds an exclusive ``flock`` on PATH around every compile.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from videomae_jax import aot  # noqa: E402
+
+aot.quiet_libtpu_env()
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = {s: f"configs/pretrain_k400_vit_{s[4:]}.py"
+           for s in ("vit_small", "vit_base", "vit_large", "vit_huge")}
+RECIPES["vit_giant"] = "configs/pretrain_k400_vit_g_v2.py"
+
+
+def parse_cell(text: str) -> dict[str, Any]:
+  parts = text.split(":")
+  if len(parts) < 3:
+    raise ValueError(f"--cells entry {text!r}: expected size:topology[:options], e.g. "
+                     "vit_base:v5e:2x2:fsdp=4:remat")
+  cell: dict[str, Any] = dict(size=parts[0], topology=f"{parts[1]}:{parts[2]}", fsdp=None,
+                              remat=None, decoder_type=None, scan=True, model={},
+                              config=None)
+  if cell["size"] not in RECIPES:
+    raise ValueError(f"--cells entry {text!r}: size must be one of {', '.join(RECIPES)}")
+  for opt in parts[3:]:
+    if opt.startswith("fsdp="):
+      cell["fsdp"] = int(opt[5:])
+    elif opt in ("remat", "noremat"):
+      cell["remat"] = opt == "remat"
+    elif opt in ("run_cell", "none"):
+      cell["decoder_type"] = opt
+    elif opt in ("scan", "noscan"):
+      cell["scan"] = opt == "scan"
+    elif opt.startswith("config="):
+      cell["config"] = opt[7:]
+    elif "=" in opt:
+      k, v = opt.split("=", 1)
+      cell["model"][k] = {"true": True, "false": False}.get(v.lower(), v)
+    else:
+      raise ValueError(f"--cells entry {text!r}: unknown option {opt!r}")
+  return cell
+
+
+def cell_key(cell: dict[str, Any], per_chip: int) -> str:
+  extra = ",".join(f"{k}={v}" for k, v in sorted(cell["model"].items()))
+  return (f"{cell['size']}|{cell['topology']}|fsdp={cell['fsdp']}|remat={cell['remat']}|"
+          f"dec={cell['decoder_type']}|scan={cell['scan']}|{extra}|b={per_chip}")
+
+
+def make_config(cell: dict[str, Any], per_chip: int, num_chips: int):
+  import importlib.util
+  path = os.path.join(ROOT, cell["config"] or RECIPES[cell["size"]])
+  spec = importlib.util.spec_from_file_location("aot_recipe", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.model.dtype = "bfloat16"
+  c.model.scan = bool(cell["scan"])
+  if cell["remat"] is not None:
+    c.model.remat = bool(cell["remat"])
+  if cell["decoder_type"] is not None:
+    c.mask.decoder_type = cell["decoder_type"]
+  for k, v in cell["model"].items():
+    c.model[k] = v
+  if cell["fsdp"] is not None:
+    c.mesh.fsdp = int(cell["fsdp"])
+  c.mesh.data = -1
+  c.batch_size = per_chip * num_chips
+  return c, os.path.relpath(path, ROOT)
+
+
+@contextlib.contextmanager
+def locked(path: str | None) -> Iterator[None]:
+  if not path:
+    yield
+    return
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def compile_one(cell, per_chip: int, lock: str | None) -> dict[str, Any]:
+  num_chips = len(aot.topology_devices(cell["topology"]))
+  config, name = make_config(cell, per_chip, num_chips)
+  t0 = time.time()
+  with locked(lock):
+    try:
+      a = aot.analyze_config(config, cell["topology"], config_name=name)
+      row = dict(a.as_dict(), fits=True)
+    except aot.OutOfMemoryError as e:
+      row = dict(e.analysis.as_dict() if e.analysis else {}, fits=False, error=str(e))
+    except Exception as e:  # noqa: BLE001 - a program that does not compile: recorded, not fatal
+      row = dict(fits=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:500]}")
+  row.update(cell=cell, per_chip_batch=per_chip, config=name, wall_s=time.time() - t0,
+             when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+  return row
+
+
+def search(cell, batches: list[int], lock: str | None, results: dict[str, Any],
+           save) -> dict[str, Any]:
+  """Largest batch of ``batches`` (ascending) that fits, by bisection; reuses ``results``."""
+  lo, hi = 0, len(batches) - 1
+  best = None
+  while lo <= hi:
+    mid = (lo + hi) // 2
+    b = batches[mid]
+    key = cell_key(cell, b)
+    if key not in results:
+      print(f"[{time.strftime('%H:%M:%S')}] compiling {key}", flush=True)
+      results[key] = compile_one(cell, b, lock)
+      save()
+      r = results[key]
+      print(f"  -> fits={r['fits']} "
+            + (f"hbm {r['hbm']['total'] / aot.GIB:.2f} GiB, mfu bound "
+               f"{100 * r['roofline']['mfu_bound']:.1f}%" if 'hbm' in r else r.get('error', ''))
+            + f" ({r['wall_s']:.0f} s)", flush=True)
+    if results[key]["fits"] is None:  # compile error: no point trying other batches
+      print(f"  compile failed: {results[key]['error']}", flush=True)
+      break
+    if results[key]["fits"]:
+      best = results[key]
+      lo = mid + 1
+    else:
+      hi = mid - 1
+  return best or {}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+  head = ("| size | slice | mesh (data x fsdp) | remat | decoder mask | clips/chip | HBM/chip "
+          "| XLA GFLOP/chip | GB accessed/chip | roofline ms | bound | MFU bound | "
+          "clips/s/chip bound |")
+  out = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    if not r.get("hbm"):
+      continue
+    rf = r["roofline"]
+    m = r["model"]
+    out.append(
+        f"| {m['name']} | {r['topology']} | {r['mesh']['data']} x {r['mesh']['fsdp']} | "
+        f"{'yes' if m['remat'] else 'no'} | {m['decoder_type']} | {r['clips_per_chip']:g}"
+        f"{'' if r['fits'] else ' (OOM)'} | {r['hbm']['total'] / aot.GIB:.1f} / "
+        f"{r['hbm_capacity'] / aot.GIB:.0f} GiB | {r['xla_flops'] / 1e9:.0f} | "
+        f"{r['xla_bytes'] / 1e9:.0f} | {1e3 * rf['step_s']:.0f} | {rf['bound']} | "
+        f"{100 * rf['mfu_bound']:.0f}% | {rf['clips_per_s_per_chip']:.1f} |")
+  return "\n".join(out)
+
+
+def main(argv=None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--cells", default="", help="';'-separated cells (see the module docs)")
+  p.add_argument("--batches", default="8,16,32,64", help="per-chip batch candidates")
+  p.add_argument("--json", default="aot_table.json")
+  p.add_argument("--lock", default=None, help="flock this file around each compile")
+  p.add_argument("--print", dest="print_only", default=None, metavar="JSON",
+                 help="only print the table of a results file")
+  args = p.parse_args(argv)
+  if args.print_only:
+    with open(args.print_only) as f:
+      results = json.load(f)
+    print(table(list(results.values())))
+    return results
+  results: dict[str, Any] = {}
+  if os.path.exists(args.json):
+    with open(args.json) as f:
+      results = json.load(f)
+
+  def save():
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(results, f, indent=1)
+    os.replace(tmp, args.json)
+
+  batches = sorted({int(b) for b in args.batches.split(",")})
+  best = []
+  for text in filter(None, (c.strip() for c in args.cells.split(";"))):
+    cell = parse_cell(text)
+    r = search(cell, batches, args.lock, results, save)
+    if r:
+      best.append(r)
+    else:
+      print(f"{text}: none of the batches {batches} fits", flush=True)
+  print(table(best))
+  return results
+
+
+if __name__ == "__main__":
+  main()
