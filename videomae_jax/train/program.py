@@ -59,10 +59,11 @@ def build_train_program(config, model: VideoMAEPretrain, mesh: Mesh, *, total_st
   tx, schedule = optim.make_optimizer(config, total_steps, steps_per_epoch)
   init_state = step_lib.make_init_fn(model, tx, init_rng)
   abstract = jax.eval_shape(init_state)
-  state_sh = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  state_sh = sharding.state_shardings(abstract, mesh, config.sharding_rules, tx)
   train_step = step_lib.make_train_step(model, tx, schedule, mask_cfg=config.mask,
                                         norm_pix=config.norm_pix,
-                                        accum_steps=int(config.optim.accum_steps))
+                                        accum_steps=int(config.optim.accum_steps),
+                                        mesh=mesh)
   replicated = NamedSharding(mesh, P())
   batch_sh = {"video": sharding.batch_sharding(mesh)}
   p_step = jax.jit(train_step, in_shardings=(state_sh, batch_sh, replicated),

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallel too
@@ -80,3 +81,23 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """Process-local numpy batches -> one global array per key, sharded over the data axes."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, rules) -> Any:
+  """Shardings for a params tree; the rules see each leaf as 'params/<path>' (as in a
+  TrainState, so the same rule table serves both)."""
+  return tree_shardings({"params": abstract_params}, mesh, rules)["params"]
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules,
+                    tx: optax.GradientTransformation) -> Any:
+  """TrainState shardings: params by the rules; every optimizer leaf that mirrors a param (Adam's
+  moments, ...) takes that param's sharding, found by ``optax.tree_map_params`` from the
+  optimizer's own structure rather than by path names; the rest (counts, scalars) is
+  replicated."""
+  params_sh = param_shardings(abstract_state.params, mesh, rules)
+  replicated = NamedSharding(mesh, P())
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state.opt_state, params_sh,
+                                 transform_non_params=lambda _: replicated)
+  everything = jax.tree.map(lambda _: replicated, abstract_state)
+  return everything.replace(params=params_sh, opt_state=opt_sh)

@@ -1,16 +1,19 @@
 """The train state and the pure update step ``(state, batch, rng) -> (state, metrics)``."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from videomae_jax import losses, masking
 from videomae_jax.models import VideoMAEPretrain
 from videomae_jax.normalization import normalize
+from videomae_jax.train import sharding
 
 
 @flax.struct.dataclass
@@ -49,18 +52,45 @@ def draw_masks(rng: jax.Array, batch: int, model: VideoMAEPretrain, mask_cfg):
   return mask, dmask
 
 
+def micro_batches(tree: Any, accum_steps: int, mesh: Mesh | None = None) -> Any:
+  """Splits every (B, ...) leaf into (accum_steps, B / accum_steps, ...), micro-batch i taking
+  rows i::accum_steps.
+
+  A batch sharded over the devices in contiguous blocks keeps each device's rows on that device:
+  every micro-batch takes B / (devices * accum_steps) rows from each device's shard, so it spans
+  all devices (no data moves, and each device holds a 1/accum_steps slice of the activations).
+  With ``mesh`` the micro-batch axis is constrained to the mesh's batch axes.
+  """
+  batch_axes = None
+  if mesh is not None:
+    batch_axes = tuple(a for a in sharding.DATA_AXES if a in mesh.axis_names) or None
+
+  def split(x):
+    x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+    if mesh is not None:
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, batch_axes)))
+    return x
+
+  return jax.tree.map(split, tree)
+
+
 def make_train_step(model: VideoMAEPretrain, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, mask_cfg, norm_pix: bool = True,
-                    accum_steps: int = 1) -> Callable:
-  """Builds the update step. Masks come from ``fold_in(rng, step)``; normalisation of the uint8
-  video runs here, on the device. A non-finite loss or gradient leaves params and optimizer
-  state untouched and is counted."""
+                    accum_steps: int = 1, mesh: Mesh | None = None) -> Callable:
+  """Builds the update step. Masks come from ``fold_in(rng, step)``, drawn for the whole batch
+  (so gradient accumulation sees the same examples and masks as one big batch); normalisation
+  of the uint8 video runs here, on the device. A non-finite loss or gradient leaves params and
+  optimizer state untouched and is counted.
+
+  ``accum_steps`` > 1 splits each device's shard of the batch into micro-batches
+  (:func:`micro_batches`) and sums their gradients in a loop. ``mesh``: the mesh the step runs
+  on; the model's activations and the micro-batches are then constrained to its batch axes
+  (logical axis ``'batch'``).
+  """
   dtype = jnp.dtype(model.dtype)
 
-  def loss_fn(params, video_u8, rng):
+  def loss_fn(params, video_u8, mask, dmask, drop_rng):
     video = normalize(video_u8, dtype)
-    mask_rng, drop_rng = jax.random.split(rng)
-    mask, dmask = draw_masks(mask_rng, video.shape[0], model, mask_cfg)
     pred = model.apply({"params": params}, video, mask, dmask, train=True,
                        rngs={"dropout": drop_rng})
     # Targets from the uint8 pixels: exact [0, 1] values whatever the compute dtype.
@@ -71,17 +101,25 @@ def make_train_step(model: VideoMAEPretrain, tx: optax.GradientTransformation,
   grad_fn = jax.value_and_grad(loss_fn)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    context = (jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None
+               else contextlib.nullcontext())
+    with context:
+      return _train_step(state, batch, rng)
+
+  def _train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
     video = batch["video"]
+    mask_rng, drop_rng = jax.random.split(step_rng)
+    mask, dmask = draw_masks(mask_rng, video.shape[0], model, mask_cfg)
     if accum_steps == 1:
-      loss, grads = grad_fn(state.params, video, step_rng)
+      loss, grads = grad_fn(state.params, video, mask, dmask, drop_rng)
     else:
-      micro = video.reshape(accum_steps, video.shape[0] // accum_steps, *video.shape[1:])
+      micro = micro_batches((video, mask, dmask), accum_steps, mesh)
 
       def body(carry, xs):
         loss_sum, grad_sum = carry
-        i, v = xs
-        l, g = grad_fn(state.params, v, jax.random.fold_in(step_rng, i))
+        i, (v, m, dm) = xs
+        l, g = grad_fn(state.params, v, m, dm, jax.random.fold_in(drop_rng, i))
         return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
