@@ -343,6 +343,11 @@ def run_case(args, case: Case) -> dict[str, Any]:
   if "hf" in res:
     for r in res["jax"].values():
       r["ratio"] = r["clips_s"] / res["hf"]["clips_s"]
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    # Accelerators: the allocator's high-water mark of this process so far (every side and
+    # case before this one included; run one case per process to read it per step).
+    res["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
   sides.clear()  # free every state before the memory children start
   if args.memory:
     for label, r in res["jax"].items():
