@@ -125,3 +125,38 @@ def test_concrete_bool_mask_equals_mask_object():
   p = model.init(jax.random.key(0), video, mask)["params"]
   np.testing.assert_array_equal(model.apply({"params": p}, video, mask),
                                 model.apply({"params": p}, video, np.asarray(mask.masked)))
+
+
+def test_layers_are_chosen_for_the_platform_being_compiled():
+  """One model lowers to the XLA:CPU custom-VJP layers for a CPU and to plain layers for a TPU
+  (the CPU form's backward hides its transpose behind an optimization barrier)."""
+  import os
+  from jax.experimental import topologies
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  # libtpu only as a compiler: no TPU host to query, and no lock against other users of it.
+  for var, value in (("TPU_ACCELERATOR_TYPE", ""), ("TPU_SKIP_MDS_QUERY", "1"),
+                     ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(var, value)
+  try:
+    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
+  except Exception as e:  # noqa: BLE001 - libtpu missing or too old
+    pytest.skip(f"no TPU topology description (libtpu): {e}")
+  model = VideoMAEPretrain(**SMALL, attention_impl="xla")  # attention: test_attention_dispatch
+  video, mask = _inputs(model)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), video, mask)["params"])
+
+  def grad(m):
+    def loss(p, v):
+      return losses.reconstruction_loss(v, m.apply({"params": p}, v, mask), mask, tubelet_size=2,
+                                        patch_size=8)
+    return jax.jit(jax.grad(loss))
+
+  tpu = NamedSharding(Mesh(np.asarray(topo.devices[:1]), ("d",)), PartitionSpec())
+  on_tpu = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=tpu),
+                        (params, video))
+  barrier = "optimization_barrier"
+  assert barrier in grad(model).lower(params, video).as_text()
+  assert barrier not in grad(model).lower(*on_tpu).as_text()
+  # The knob is honest both ways.
+  assert barrier not in grad(model.clone(layers_impl="plain")).lower(params, video).as_text()
+  assert barrier in grad(model.clone(layers_impl="cpu")).lower(*on_tpu).as_text()
