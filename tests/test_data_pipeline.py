@@ -386,3 +386,12 @@ def test_missing_backend_is_a_clear_error(corpus, tmp_path, monkeypatch):
   assert out['video'].shape == (1, 8, 32, 32, 3)
   with pytest.raises(readers.DecodeError, match=r"long.mp4.*'av'.*videomae-jax\[data\]"):
     clips_lib.ClipDecoder(data.load_annotation_list(lst), config(train_list=lst, reader='pyav'))
+
+
+def test_tf_ops_of_the_map_do_not_start_a_second_thread_pool():
+  # Decodes are single-threaded, one per tf.data worker; the map's TF ops must not add a
+  # per-core intra-op pool on top of them.
+  from videomae_jax.data import pipeline
+  opts = pipeline._tf_options(config())
+  assert opts.threading.max_intra_op_parallelism == 1
+  assert opts.deterministic
