@@ -116,20 +116,19 @@ def measure(size: str, frames: int, res: int, ratio: float, steps: int,
 
 
 def aot_check(args) -> dict[str, Any]:
-  """Compiles the sharded train step for a TPU topology, or for forced CPU devices."""
+  """Compiles the sharded train step for a TPU topology, or for forced CPU devices.
+
+  The program is ``train.program.build_train_program``'s, as in launch.pretrain; for the full
+  TPU analysis (roofline, HBM against capacity) use ``python -m launch.compile``."""
   import jax
-  import jax.numpy as jnp
+  from videomae_jax import aot
   from videomae_jax.train import config as config_lib
-  from videomae_jax.train import optim, sharding, step as step_lib
+  from videomae_jax.train import program as program_lib, sharding
   devices, target = None, None
   try:
-    from jax.experimental import topologies
-    topo = topologies.get_topology_desc(args.aot_topology, "tpu")
-    devices, target = topo.devices, f"TPU {args.aot_topology}"
-  except Exception as e:  # noqa: BLE001 - no libtpu here: same mesh over forced CPU devices
-    print(f"TPU topology {args.aot_topology} unavailable ({type(e).__name__}: "
-          f"{str(e).splitlines()[0][:120]}); compiling for {jax.device_count()} CPU devices",
-          flush=True)
+    devices, target = aot.topology_devices(args.aot_topology), f"TPU {args.aot_topology}"
+  except aot.AotUnavailableError as e:  # no libtpu here: same mesh over forced CPU devices
+    print(f"{e}; compiling for {jax.device_count()} CPU devices", flush=True)
     devices, target = jax.devices(), f"{jax.device_count()} CPU devices"
   fsdp = args.aot_fsdp
   c = _config(args.aot_model, 16, 224, dtype=args.aot_dtype, remat=args.aot_remat,
@@ -138,23 +137,11 @@ def aot_check(args) -> dict[str, Any]:
   c.mesh.fsdp = fsdp
   model = config_lib.build_model(c)
   mesh = sharding.make_mesh(len(devices) // fsdp, fsdp, devices)
-  tx, schedule = optim.make_optimizer(c, c.total_steps, 100)
-  init = step_lib.make_init_fn(model, tx, jax.random.key(0))
-
-  abstract = jax.eval_shape(init)
-  state_sh = sharding.tree_shardings(abstract, mesh, c.sharding_rules)
-  batch_sh = {"video": sharding.batch_sharding(mesh)}
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  fn = step_lib.make_train_step(model, tx, schedule, mask_cfg=c.mask)
-  video = jax.ShapeDtypeStruct((c.batch_size, 16, 224, 224, 3), jnp.uint8,
-                               sharding=batch_sh["video"])
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, state_sh)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+  program = program_lib.build_train_program(c, model, mesh, total_steps=c.total_steps,
+                                            steps_per_epoch=100, init_rng=jax.random.key(0))
+  state_sh = program.state_shardings
   t0 = time.perf_counter()
-  compiled = jax.jit(fn, in_shardings=(state_sh, batch_sh, replicated),
-                     out_shardings=(state_sh, replicated), donate_argnums=(0,)).lower(
-                         state, {"video": video}, rng).compile()
+  compiled = program.lower().compile()
   ma = compiled.memory_analysis()
   specs = {}
   for path, s in jax.tree_util.tree_flatten_with_path(state_sh.params)[0][:6]:
@@ -195,6 +182,8 @@ def main(argv=None) -> dict[str, Any]:
   if args.aot:
     # A fresh interpreter: the forced CPU device count must be set before JAX starts.
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+               TPU_ACCELERATOR_TYPE=os.environ.get("TPU_ACCELERATOR_TYPE", ""),
+               ALLOW_MULTIPLE_LIBTPU_LOAD=os.environ.get("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                           f" --xla_force_host_platform_device_count={args.aot_devices}"))
     cmd = [sys.executable, os.path.abspath(__file__), "--aot-child"] + [
