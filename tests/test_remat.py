@@ -73,3 +73,13 @@ def test_remat_policy_strings_are_checked():
     _loss_and_inputs(model)
   with pytest.raises(ValueError, match="layers_impl='fast'"):
     _loss_and_inputs(model.clone(remat_policy="nothing_saveable", layers_impl="fast"))
+
+
+def test_layers_impl_is_a_config_knob():
+  from videomae_jax.train import config as config_lib
+  config = config_lib.base_config()
+  assert config_lib.build_model(config).layers_impl is None
+  config.model.layers_impl = "plain"
+  config.model.remat_policy = "save_only_these_names:qkv"
+  model = config_lib.build_model(config)
+  assert model.layers_impl == "plain" and model.remat_policy == "save_only_these_names:qkv"

@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
       layer_norm_eps=1e-6, dtype="float32", remat=False, remat_policy="nothing_saveable",
       scan=False, attention_impl=ml_collections.config_dict.placeholder(str),
       attention_remat="decoder",  # "none" | "decoder" | "all": recompute attention probs
+      # None = per platform (XLA:CPU custom-VJP layers on a CPU, plain elsewhere) | "plain" |
+      # "cpu"; remat_policy applies to the plain layers.
+      layers_impl=ml_collections.config_dict.placeholder(str),
       ))
   # Size overrides on top of the preset (None = the preset's value).
   for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_embed_dim",
