@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 
 from videomae_jax import aot
 
@@ -56,6 +57,12 @@ def main(argv) -> None:
     sys.exit(2)
   except ConfigError as e:
     print(f"error: {name}: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  except Exception as e:  # noqa: BLE001 - the compiler's own error, after its traceback
+    traceback.print_exc()
+    first = (str(e).strip().splitlines() or [""])[0][:500]
+    print(f"error: {name} does not compile for {_TOPOLOGY.value}: {type(e).__name__}: {first}",
+          file=sys.stderr, flush=True)
     sys.exit(1)
   print(analysis.report(), flush=True)
   _write_json(_JSON.value, dict(analysis.as_dict(), fits=True))
