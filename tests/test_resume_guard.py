@@ -89,6 +89,7 @@ def test_describe_guards_stream_fields_not_locations(tmp_path):
   # Throughput knobs do not change the stream.
   faster = ml_collections.ConfigDict(here.to_dict())
   faster.num_parallel_calls, faster.prefetch, faster.num_threads = 3, 8, 4
+  faster.decode_timeout_s, faster.max_abandoned_decodes = 5.0, 9
   assert describe(faster) == describe(here)
 
 

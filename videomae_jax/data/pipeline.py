@@ -241,7 +241,8 @@ def build_pretrain_dataset(data_config, *, global_batch_size: int,
 NON_STREAM_FIELDS = frozenset({
     'train_list', 'root', 'video_dir', 'frame_store', 'tfds_data_dir', 'tfds_manual_dir',
     'tfds_download',
-    'decode_timeout_s', 'max_bad_fraction', 'max_replacements', 'num_parallel_calls',
+    'decode_timeout_s', 'max_abandoned_decodes', 'max_bad_fraction', 'max_replacements',
+    'num_parallel_calls',
     'num_threads', 'prefetch'})
 
 
