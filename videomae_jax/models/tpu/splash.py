@@ -55,7 +55,7 @@ def _kernel(heads: int, n_pad: int, interpret: bool):
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, n: int, interpret: bool) -> jax.Array:
-  """(B, H, N_pad, D) already scaled and padded -> (B, H, N_pad, D)."""
+  """(B, H, N_pad, D), k already scaled, all padded -> (B, H, N_pad, D)."""
   _, h, n_pad, _ = q.shape
   kernel = _kernel(h, n_pad, interpret)
   if n_pad == n:
@@ -91,13 +91,14 @@ def attention(qkv: jax.Array, scale: float, *, interpret: bool = False) -> jax.A
   if three != 3:
     raise ValueError(f"qkv must be (B, N, 3, heads, head_dim), got {qkv.shape}")
   n_pad = padded_length(n)
-  # One transposing copy to the kernel's (B, H, N, D) layout; the scale and the padding ride
-  # along in it.
-  qkv = jnp.moveaxis(qkv, (2, 3), (0, 2))  # (3, B, H, N, D)
-  qkv = qkv * jnp.asarray([scale, 1, 1], qkv.dtype)[:, None, None, None, None]
+  # Padded on the token axis first, then split and transposed to the kernel's (B, H, N, D):
+  # XLA fuses the pad into the one transposing copy per direction. The scale goes on k, not q:
+  # the same logits, and its gradient multiplies dk as the kernel returns it rather than adding
+  # a float32 pass over splash's summed dq.
   if n_pad != n:
-    qkv = jnp.pad(qkv, ((0, 0), (0, 0), (0, 0), (0, n_pad - n), (0, 0)))
-  q, k, v = qkv[0], qkv[1], qkv[2]
+    qkv = jnp.pad(qkv, ((0, 0), (0, n_pad - n), (0, 0), (0, 0), (0, 0)))
+  q, k, v = (jnp.transpose(qkv[:, :, i], (0, 2, 1, 3)) for i in range(3))
+  k = k * jnp.asarray(scale, k.dtype)
 
   attend = functools.partial(_attend, n=n, interpret=interpret)
   axes, mesh = _batch_axes(b)
@@ -106,4 +107,4 @@ def attention(qkv: jax.Array, scale: float, *, interpret: bool = False) -> jax.A
     attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                            check_vma=False)
   out = attend(q, k, v)
-  return jnp.moveaxis(out[:, :, :n], 1, 2)
+  return jnp.transpose(out[:, :, :n], (0, 2, 1, 3))
