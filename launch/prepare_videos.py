@@ -29,7 +29,8 @@ ArrayRecord shards (0: one per 256 videos, at least one per worker) with per-vid
 metadata (frame count, fps, label, source path, sizes). Every stored frame is decoded
 back before its shard counts as finished; failures go to bad_files.txt. Shards are
 written in parallel (one single-threaded worker per core by default); finished shards
-(index present, byte size matching) are skipped when the command runs again.
+(index present, byte size matching, same videos and settings) are skipped when the command
+runs again, unless `--overwrite`.
 """
 from __future__ import annotations
 
@@ -214,7 +215,7 @@ def plan_shards(records: list[VideoRecord], base: str, num_shards: int, workers:
 
 
 def make_frame_store(records: list[VideoRecord], base: str, out_dir: str, short_side: int,
-                     quality: int, num_shards: int, workers: int) -> int:
+                     quality: int, num_shards: int, workers: int, overwrite: bool = False) -> int:
   """`--format=frames`: writes (or completes) the frame store; returns the exit code."""
   from videomae_jax.data import frame_store  # pylint: disable=g-import-not-at-top
   frame_store._array_record()  # pylint: disable=protected-access  # Fails before any work.
@@ -224,7 +225,7 @@ def make_frame_store(records: list[VideoRecord], base: str, out_dir: str, short_
   todo = []
   for name, videos in zip(names, plan):
     index = frame_store.read_shard_index(out_dir, name)
-    if (index is None or index.get('planned') != [s for _, s, _ in videos]
+    if (overwrite or index is None or index.get('planned') != [s for _, s, _ in videos]
         or index.get('short_side') != short_side or index.get('jpeg_quality') != quality):
       todo.append((name, videos))
   total = sum(map(len, plan))
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f'--jpeg_quality={args.jpeg_quality}: expected 1..100')
       workers = args.workers if args.workers > 0 else available_cores()
       return make_frame_store(records, base, args.out_dir, args.short_side, args.jpeg_quality,
-                              args.num_shards, workers)
+                              args.num_shards, workers, args.overwrite)
     rels = output_paths(records, base)  # Before any work: two inputs, one output.
     workers, args.threads = plan_parallelism(available_cores(), args.workers, args.threads)
   except (SourceError, ValueError) as e:

@@ -239,6 +239,11 @@ def test_prepare_frames_reports_bad_files_and_restarts(tmp_path, coded, capsys):
   assert os.path.getmtime(out / (meta.shards[0] + '.array_record')) == mtimes[meta.shards[0]]
   assert frame_store.FrameStore(str(out)).fingerprint() == meta.fingerprint()
   assert len((out / 'bad_files.txt').read_text().splitlines()) == 2
+  # Other settings, or --overwrite, rewrite every shard.
+  assert prepare_videos.main(args + ['--jpeg_quality', '60']) == 0
+  assert '(0 finished)' in capsys.readouterr().out
+  assert prepare_videos.main(args + ['--jpeg_quality', '60', '--overwrite']) == 0
+  assert '(0 finished)' in capsys.readouterr().out
 
 
 def test_store_errors_name_the_folder(tmp_path):
