@@ -143,3 +143,20 @@ def test_all_shipped_configs_validate():
       continue
     assert "python -m launch.pretrain --config=configs/" in mod.__doc__, path
     config_lib.validate(config, 64 if "demo" not in path else 1)
+
+
+def test_default_layers_cost_no_memory_over_the_forced_form():
+  """layers_impl=None picks the layer form for the platform around the whole gradient: the
+  CPU program equals the one with the CPU form forced, no residuals of the other form kept
+  (under scan they would be stacked per block)."""
+  config = tiny_config()
+  config.model.scan = True
+  model, tx, schedule, state, batch = _setup(config)
+
+  def temp(m):
+    fn = jax.jit(step_lib.make_train_step(m, tx, schedule, mask_cfg=config.mask))
+    compiled = fn.lower(state, batch, jax.random.key(0)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert model.layers_impl is None
+  assert temp(model) == temp(model.clone(layers_impl="cpu"))

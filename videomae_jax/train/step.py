@@ -89,16 +89,29 @@ def make_train_step(model: VideoMAEPretrain, tx: optax.GradientTransformation,
   """
   dtype = jnp.dtype(model.dtype)
 
-  def loss_fn(params, video_u8, mask, dmask, drop_rng):
-    video = normalize(video_u8, dtype)
-    pred = model.apply({"params": params}, video, mask, dmask, train=True,
-                       rngs={"dropout": drop_rng})
-    # Targets from the uint8 pixels: exact [0, 1] values whatever the compute dtype.
-    return losses.reconstruction_loss(video_u8, pred, mask, norm_pix,
-                                      tubelet_size=model.tubelet_size,
-                                      patch_size=model.patch_size, decoder_mask=dmask)
+  def value_and_grad(m: VideoMAEPretrain) -> Callable:
+    def loss_fn(params, video_u8, mask, dmask, drop_rng):
+      video = normalize(video_u8, dtype)
+      pred = m.apply({"params": params}, video, mask, dmask, train=True,
+                     rngs={"dropout": drop_rng})
+      # Targets from the uint8 pixels: exact [0, 1] values whatever the compute dtype.
+      return losses.reconstruction_loss(video_u8, pred, mask, norm_pix,
+                                        tubelet_size=m.tubelet_size,
+                                        patch_size=m.patch_size, decoder_mask=dmask)
+    return jax.value_and_grad(loss_fn)
 
-  grad_fn = jax.value_and_grad(loss_fn)
+  if model.layers_impl is None:
+    # The layer forms are chosen here, around the whole gradient, rather than in each layer:
+    # differentiating through a per-layer platform choice keeps (zero) residuals of the form
+    # not taken, and under `scan` those are stacked per block. Same program, chosen at
+    # lowering time all the same.
+    cpu_grad = value_and_grad(model.clone(layers_impl="cpu"))
+    plain_grad = value_and_grad(model.clone(layers_impl="plain"))
+
+    def grad_fn(*args):
+      return jax.lax.platform_dependent(*args, cpu=cpu_grad, default=plain_grad)
+  else:
+    grad_fn = value_and_grad(model)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     context = (jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None
