@@ -38,3 +38,28 @@ def test_optimizer_moments_shard_like_their_params_under_fsdp():
       assert spec == params[param], (path, spec, params[param])
   # The created state really is laid out that way.
   assert {k: v for k, v in out["actual_opt"].items() if "/mu/" in k} == mu
+
+
+def test_activations_are_constrained_on_the_batch_axes_only_under_a_mesh():
+  import jax
+
+  from videomae_jax import masking
+  from videomae_jax.models import VideoMAEPretrain
+  from videomae_jax.train import sharding
+
+  model = VideoMAEPretrain(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth=2,
+                           num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                           decoder_num_heads=2)
+  video = jax.numpy.zeros((2, 4, 32, 32, 3))
+  mask = masking.tube_mask(jax.random.key(0), 2, model.grid, 0.75)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), video, mask)["params"])
+  apply = jax.jit(lambda p, v: model.apply({"params": p}, v, mask))
+  alone = apply.lower(params, video).as_text()
+  mesh = sharding.make_mesh(1, 1)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    meshed = apply.lower(params, video).as_text()
+  assert "sharding_constraint" not in alone
+  # Encoder and decoder inputs and every block's output, on ('data', 'fsdp').
+  constraints = [l for l in meshed.splitlines() if "sharding_constraint" in l]
+  assert len(constraints) >= 2 + 2 + 1
+  assert all('[{"data", "fsdp"}, {}, {}]' in l for l in constraints), constraints
