@@ -160,3 +160,28 @@ def test_default_layers_cost_no_memory_over_the_forced_form():
 
   assert model.layers_impl is None
   assert temp(model) == temp(model.clone(layers_impl="cpu"))
+
+
+def test_trainer_program_for_a_tpu_has_no_cpu_layer_tricks():
+  """The step launch.pretrain runs, lowered for a TPU topology from this CPU host, takes the
+  plain layers; lowered for the CPU it keeps the custom-VJP ones (their backward hides a
+  transpose behind an optimization barrier)."""
+  from videomae_jax import aot
+  from videomae_jax.train import program as program_lib
+  from videomae_jax.train import sharding
+  if aot.libtpu_unavailable_reason():
+    pytest.skip(aot.libtpu_unavailable_reason())
+  config = tiny_config()
+  # attention per platform is test_attention_dispatch; "xla" has no barrier of its own
+  config.model.attention_impl = "xla"
+  model = config_lib.build_model(config)
+
+  def lowered(devices):
+    mesh = sharding.make_mesh(len(devices), 1, devices)
+    program = program_lib.build_train_program(config, model, mesh, total_steps=10,
+                                              steps_per_epoch=10, init_rng=jax.random.key(0))
+    return program.lower().as_text()
+
+  assert "optimization_barrier" in lowered(jax.devices()[:1])
+  tpu = aot.topology_devices("v5e:2x2")
+  assert "optimization_barrier" not in lowered(tpu[:4])
