@@ -380,8 +380,8 @@ class BlockStack(nn.Module):
   """``depth`` blocks with drop-path rates linspace(0, rate, depth); remat and scan are knobs.
 
   With ``scan`` the block parameters are stacked on a leading axis under ``blocks``; without it
-  they live under ``blocks_{i}``. ``remat`` checkpoints each block with
-  :func:`remat_policy` ``(remat_policy)``; under ``scan`` without ``prevent_cse`` (the loop
+  they live under ``blocks_{i}``. ``remat`` checkpoints each block with the policy
+  ``remat_policy(self.remat_policy)`` names; under ``scan`` without ``prevent_cse`` (the loop
   already keeps XLA from merging the recomputation into the forward pass).
   """
 

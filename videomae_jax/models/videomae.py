@@ -34,8 +34,8 @@ class _VideoViTFields(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   scan: bool = False
-  # None = per backend (layers.resolve_attention_impl: "einsum" on the CPU, fused kernels of
-  # jax.nn.dot_product_attention elsewhere), or "einsum", "xla", "cudnn".
+  # None = the best for the platform being compiled, chosen at lowering time
+  # (models.attention.dot_product_attention), or one of models.attention.ATTENTION_IMPLS.
   attention_impl: str | None = None
   # Recompute attention probabilities in the backward pass of the einsum path: "none",
   # "decoder" (the decoder attends over all N tokens; its B*heads*N^2 probabilities dominate
