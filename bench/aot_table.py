@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {s: f"configs/pretrain_k400_vit_{s[4:]}.py"
            for s in ("vit_small", "vit_base", "vit_large", "vit_huge")}
 RECIPES["vit_giant"] = "configs/pretrain_k400_vit_g_v2.py"
+TAG = ""  # --tag: recorded in every row (e.g. the commit measured)
 
 
 def parse_cell(text: str) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def compile_one(cell, per_chip: int, lock: str | None) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - a program that does not compile: recorded, not fatal
       row = dict(fits=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:500]}")
   row.update(cell=cell, per_chip_batch=per_chip, config=name, wall_s=time.time() - t0,
-             when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+             when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), tag=TAG)
   return row
 
 
@@ -168,6 +169,9 @@ def table(rows: list[dict[str, Any]]) -> str:
       continue
     rf = r["roofline"]
     m = r["model"]
+    if r.get("loops_counted_once"):  # XLA counted one loop iteration: no roofline
+      rf = dict(rf, step_s=float("nan"), bound="n/a (scan)", mfu_bound=float("nan"),
+                clips_per_s_per_chip=float("nan"))
     out.append(
         f"| {m['name']} | {r['topology']} | {r['mesh']['data']} x {r['mesh']['fsdp']} | "
         f"{'yes' if m['remat'] else 'no'} | {m['decoder_type']} | {r['clips_per_chip']:g}"
@@ -186,7 +190,10 @@ def main(argv=None) -> dict[str, Any]:
   p.add_argument("--lock", default=None, help="flock this file around each compile")
   p.add_argument("--print", dest="print_only", default=None, metavar="JSON",
                  help="only print the table of a results file")
+  p.add_argument("--tag", default="", help="recorded in every row, e.g. the commit")
   args = p.parse_args(argv)
+  global TAG
+  TAG = args.tag
   if args.print_only:
     with open(args.print_only) as f:
       results = json.load(f)

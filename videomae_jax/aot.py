@@ -10,6 +10,9 @@ devices and compiled by the real TPU compiler. XLA's own analyses of that execut
 - FLOPs and bytes per step (``cost_analysis``). For an SPMD program both analyses describe the
   partitioned per-device program, i.e. one chip (checked: the same program over 1 and 4 chips
   at 4x the global batch reports the same FLOPs).
+- XLA counts a while-loop body once: with blocks under ``scan`` or gradient accumulation the
+  FLOPs and bytes cover one iteration (flagged as ``loops_counted_once``); the roofline needs
+  the unrolled step (``scan=False``, ``accum_steps=1``). Memory is exact either way.
 - The roofline step time: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth). Collectives
   (ICI) and latency are not in it, so it is a lower bound on the step time and an upper bound
   on MFU. MFU uses model FLOPs (``videomae_jax.flops``: matmuls, no recomputation), not XLA's.
@@ -119,6 +122,9 @@ class Analysis:
   peak_flops: float
   hbm_bandwidth: float
   compile_s: float
+  # Blocks under scan or gradient accumulation: XLA's cost analysis counts a while-loop body
+  # once, so FLOPs, bytes and the roofline cover one iteration (memory is exact).
+  loops_counted_once: bool = False
 
   @property
   def model_flops(self) -> float:
@@ -185,7 +191,13 @@ class Analysis:
         f"{100 * r['xla_flops_utilization_bound']:.1f}%), <= "
         f"{r['clips_per_s_per_chip']:.1f} clips/s/chip",
     ]
-    if self.xla_flops < 0.9 * self.model_flops:
+    if self.loops_counted_once:
+      lines.append("  note: XLA's cost analysis counts a loop body once, and this step loops "
+                   "(blocks under scan or gradient accumulation): FLOPs, bytes and the "
+                   "roofline above leave out all but one iteration. Compile with "
+                   "--config.model.scan=False --config.optim.accum_steps=1 for the roofline; "
+                   "the HBM numbers are exact either way")
+    elif self.xla_flops < 0.9 * self.model_flops:
       lines.append("  note: XLA counts fewer FLOPs than the model has: kernels XLA cannot see "
                    "into (custom calls without a cost estimate) are missing from its count, "
                    "so the roofline is optimistic")
@@ -277,7 +289,8 @@ def analyze_config(config, topology: str, *, config_name: str = "config") -> Ana
       xla_flops=float(ca.get("flops", 0.0)), xla_bytes=float(ca.get("bytes accessed", 0.0)),
       model_flops_per_clip=float(flops_lib.train_flops(model, config.mask.ratio, decoder_ratio,
                                                        config.mask.type)),
-      peak_flops=float(peak), hbm_bandwidth=bandwidth, compile_s=compile_s)
+      peak_flops=float(peak), hbm_bandwidth=bandwidth, compile_s=compile_s,
+      loops_counted_once=bool(model.scan) or int(config.optim.accum_steps) > 1)
   if hbm["total"] > capacity:
     raise OutOfMemoryError(
         f"out of HBM: {desc} needs {hbm['total'] / GIB:.2f} GiB per chip on {topology} "
