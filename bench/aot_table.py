@@ -37,8 +37,8 @@ from videomae_jax import aot  # noqa: E402
 aot.quiet_libtpu_env()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = {s: f"configs/pretrain_k400_vit_{s[4:]}.py"
-           for s in ("vit_small", "vit_base", "vit_large", "vit_huge")}
+RECIPES = {f"vit_{size}": f"configs/pretrain_k400_vit_{size[0]}.py"
+           for size in ("small", "base", "large", "huge")}
 RECIPES["vit_giant"] = "configs/pretrain_k400_vit_g_v2.py"
 TAG = ""  # --tag: recorded in every row (e.g. the commit measured)
 
