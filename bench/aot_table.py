@@ -17,6 +17,9 @@ A cell is ``size:topology[:fsdp=N][:remat|:noremat][:run_cell|:none][:scan|:nosc
 [:config=PATH][:k=v...]``; by default the mesh's fsdp, remat and decoder masking are the
 recipe's, scan is on (one block body compiled instead of every block: much faster to compile),
 compute is bf16. ``k=v`` pairs are ``config.model`` overrides (e.g. ``attention_impl=xla``).
+XLA counts a scanned block once, so a scanned cell's row has no roofline unless the cell has
+``:extrapolate``: three more compiles, unrolled at (1, 1), (2, 1) and (1, 2) encoder/decoder
+blocks, give the cost per block, extrapolated linearly to the model's depths.
 ``--lock PATH`` holds an exclusive ``flock`` on PATH around every compile.
 """
 from __future__ import annotations
@@ -43,6 +46,15 @@ RECIPES["vit_giant"] = "configs/pretrain_k400_vit_g_v2.py"
 TAG = ""  # --tag: recorded in every row (e.g. the commit measured)
 
 
+def _value(v: str) -> Any:
+  for cast in (int, float):
+    try:
+      return cast(v)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(v.lower(), v)
+
+
 def parse_cell(text: str) -> dict[str, Any]:
   parts = text.split(":")
   if len(parts) < 3:
@@ -50,7 +62,7 @@ def parse_cell(text: str) -> dict[str, Any]:
                      "vit_base:v5e:2x2:fsdp=4:remat")
   cell: dict[str, Any] = dict(size=parts[0], topology=f"{parts[1]}:{parts[2]}", fsdp=None,
                               remat=None, decoder_type=None, scan=True, model={},
-                              config=None)
+                              config=None, extrapolate=False)
   if cell["size"] not in RECIPES:
     raise ValueError(f"--cells entry {text!r}: size must be one of {', '.join(RECIPES)}")
   for opt in parts[3:]:
@@ -60,13 +72,15 @@ def parse_cell(text: str) -> dict[str, Any]:
       cell["remat"] = opt == "remat"
     elif opt in ("run_cell", "none"):
       cell["decoder_type"] = opt
+    elif opt == "extrapolate":
+      cell["extrapolate"] = True
     elif opt in ("scan", "noscan"):
       cell["scan"] = opt == "scan"
     elif opt.startswith("config="):
       cell["config"] = opt[7:]
     elif "=" in opt:
       k, v = opt.split("=", 1)
-      cell["model"][k] = {"true": True, "false": False}.get(v.lower(), v)
+      cell["model"][k] = _value(v)
     else:
       raise ValueError(f"--cells entry {text!r}: unknown option {opt!r}")
   return cell
@@ -159,6 +173,39 @@ def search(cell, batches: list[int], lock: str | None, results: dict[str, Any],
   return best or {}
 
 
+def extrapolate(cell, best: dict[str, Any], lock: str | None, results: dict[str, Any],
+                save) -> dict[str, Any]:
+  """The unrolled step's FLOPs and bytes for a scanned cell, from three small unrolled
+  compiles: cost(d, dd) = other + d x encoder block + dd x decoder block, at (1, 1), (2, 1)
+  and (1, 2) blocks, evaluated at the model's depths. XLA counts a scanned block once, so
+  the scanned compile's own cost covers one block of each."""
+  b = best["per_chip_batch"]
+  cost = {}
+  for d, dd in ((1, 1), (2, 1), (1, 2)):
+    small = dict(cell, scan=False, model=dict(cell["model"], depth=d, decoder_depth=dd))
+    key = cell_key(small, b)
+    if key not in results:
+      print(f"[{time.strftime('%H:%M:%S')}] compiling {key} (extrapolation)", flush=True)
+      results[key] = compile_one(small, b, lock)
+      save()
+    r = results[key]
+    if not r.get("xla_flops"):
+      print(f"  extrapolation compile failed: {r.get('error')}", flush=True)
+      return {}
+    cost[d, dd] = (r["xla_flops"], r["xla_bytes"])
+  import numpy as np
+  c11, c21, c12 = (np.array(cost[k]) for k in ((1, 1), (2, 1), (1, 2)))
+  enc, dec = c21 - c11, c12 - c11
+  other = c11 - enc - dec
+  from videomae_jax.models import preset
+  fields = {**preset(best["model"]["name"]), **{k: v for k, v in cell["model"].items()}}
+  flops, nbytes = other + fields["depth"] * enc + fields["decoder_depth"] * dec
+  rf = aot.roofline(float(flops), float(nbytes), best["model_flops"], best["clips_per_chip"],
+                    best["peak_flops"], best["hbm_bandwidth"])
+  return dict(xla_flops=float(flops), xla_bytes=float(nbytes), roofline=rf,
+              per_block=dict(encoder=enc.tolist(), decoder=dec.tolist(), other=other.tolist()))
+
+
 def table(rows: list[dict[str, Any]]) -> str:
   head = ("| size | slice | mesh (data x fsdp) | remat | decoder mask | clips/chip | HBM/chip "
           "| XLA GFLOP/chip | GB accessed/chip | roofline ms | bound | MFU bound | "
@@ -169,15 +216,20 @@ def table(rows: list[dict[str, Any]]) -> str:
       continue
     rf = r["roofline"]
     m = r["model"]
-    if r.get("loops_counted_once"):  # XLA counted one loop iteration: no roofline
+    flops, nbytes = r["xla_flops"], r["xla_bytes"]
+    if r.get("extrapolated"):  # scanned: the unrolled cost from small unrolled compiles
+      rf, flops, nbytes = dict(r["extrapolated"]["roofline"]), *(
+          r["extrapolated"][k] for k in ("xla_flops", "xla_bytes"))
+      rf["bound"] += " (extrapolated)"
+    elif r.get("loops_counted_once"):  # XLA counted one loop iteration: no roofline
       rf = dict(rf, step_s=float("nan"), bound="n/a (scan)", mfu_bound=float("nan"),
                 clips_per_s_per_chip=float("nan"))
     out.append(
         f"| {m['name']} | {r['topology']} | {r['mesh']['data']} x {r['mesh']['fsdp']} | "
         f"{'yes' if m['remat'] else 'no'} | {m['decoder_type']} | {r['clips_per_chip']:g}"
         f"{'' if r['fits'] else ' (OOM)'} | {r['hbm']['total'] / aot.GIB:.1f} / "
-        f"{r['hbm_capacity'] / aot.GIB:.0f} GiB | {r['xla_flops'] / 1e9:.0f} | "
-        f"{r['xla_bytes'] / 1e9:.0f} | {1e3 * rf['step_s']:.0f} | {rf['bound']} | "
+        f"{r['hbm_capacity'] / aot.GIB:.0f} GiB | {flops / 1e9:.0f} | "
+        f"{nbytes / 1e9:.0f} | {1e3 * rf['step_s']:.0f} | {rf['bound']} | "
         f"{100 * rf['mfu_bound']:.0f}% | {rf['clips_per_s_per_chip']:.1f} |")
   return "\n".join(out)
 
@@ -215,6 +267,9 @@ def main(argv=None) -> dict[str, Any]:
   for text in filter(None, (c.strip() for c in args.cells.split(";"))):
     cell = parse_cell(text)
     r = search(cell, batches, args.lock, results, save)
+    if r and cell["extrapolate"] and r.get("loops_counted_once"):
+      r["extrapolated"] = extrapolate(cell, r, args.lock, results, save)
+      save()
     if r:
       best.append(r)
     else:

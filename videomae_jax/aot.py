@@ -103,6 +103,24 @@ def libtpu_unavailable_reason() -> str | None:
   return None
 
 
+def roofline(xla_flops: float, xla_bytes: float, model_flops: float, clips_per_chip: float,
+             peak_flops: float, hbm_bandwidth: float) -> dict[str, Any]:
+  """Roofline of one chip's step: time, bound, MFU bound (model FLOPs) and clips/s bound."""
+  compute_s = xla_flops / peak_flops
+  memory_s = xla_bytes / hbm_bandwidth
+  step_s = max(compute_s, memory_s)
+  return dict(
+      compute_s=compute_s, memory_s=memory_s, step_s=step_s,
+      bound="compute" if compute_s >= memory_s else "memory",
+      # Model FLOPs over the roofline time: the best MFU this program can reach.
+      mfu_bound=model_flops / peak_flops / step_s,
+      # XLA's FLOPs (recomputation and elementwise work included) over the same time.
+      xla_flops_utilization_bound=compute_s / step_s,
+      clips_per_s_per_chip=clips_per_chip / step_s,
+      arithmetic_intensity=xla_flops / max(xla_bytes, 1.0),
+      ridge_intensity=peak_flops / hbm_bandwidth)
+
+
 @dataclasses.dataclass
 class Analysis:
   """The numbers of one compiled step, per chip. ``as_dict()`` is what ``--json`` writes."""
@@ -132,19 +150,8 @@ class Analysis:
     return self.model_flops_per_clip * self.clips_per_chip
 
   def roofline(self) -> dict[str, Any]:
-    compute_s = self.xla_flops / self.peak_flops
-    memory_s = self.xla_bytes / self.hbm_bandwidth
-    step_s = max(compute_s, memory_s)
-    return dict(
-        compute_s=compute_s, memory_s=memory_s, step_s=step_s,
-        bound="compute" if compute_s >= memory_s else "memory",
-        # Model FLOPs over the roofline time: the best MFU this program can reach.
-        mfu_bound=self.model_flops / self.peak_flops / step_s,
-        # XLA's FLOPs (recomputation and elementwise work included) over the same time.
-        xla_flops_utilization_bound=compute_s / step_s,
-        clips_per_s_per_chip=self.clips_per_chip / step_s,
-        arithmetic_intensity=self.xla_flops / max(self.xla_bytes, 1.0),
-        ridge_intensity=self.peak_flops / self.hbm_bandwidth)
+    return roofline(self.xla_flops, self.xla_bytes, self.model_flops, self.clips_per_chip,
+                    self.peak_flops, self.hbm_bandwidth)
 
   def as_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
