@@ -118,3 +118,49 @@ def test_model_compiles_for_a_tpu_topology_with_the_kernel_per_device():
   assert not any(c in hlo for c in CPU_CALLS)
   # kernel outputs (B_device, heads, 128 padded tokens, head_dim): 8 clips over 4 chips
   assert all(re.search(r"bf16\[2,2,128,64\]", l) for l in calls), calls
+
+
+def test_platform_impls():
+  impls = attention.platform_impls(None, jnp.bfloat16)
+  assert impls["tpu"] == "tpu_splash" and impls["cuda"] == "cudnn_or_xla"
+  assert impls["default"] == "xla"
+  assert impls["cpu"] == ("cpu_fused" if cpu_attention.available() else "einsum")
+  assert attention.platform_impls(None, jnp.float32)["cpu"] == "einsum"
+  assert set(attention.platform_impls("xla", jnp.bfloat16).values()) == {"xla"}
+  qkv = jnp.asarray(np.random.default_rng(0).standard_normal((1, 40, 3, 2, 64)), jnp.bfloat16)
+  out = attention.dot_product_attention(qkv, SCALE, "cudnn_or_xla")  # XLA on this host
+  assert float(jnp.abs(out.astype(jnp.float32) - _f32_attention(qkv)).max()) < 2e-2
+
+
+def test_choosing_once_around_the_gradient_keeps_no_residuals_of_other_platforms():
+  """Under scan, the per-call choice (attention_impl=None) stacks zero residuals of the CPU and
+  GPU branches per block; choosing the platform once around the gradient with platform_impls
+  compiles to the same temporaries as naming the TPU kernel."""
+  devices = _tpu_devices()
+  mesh = Mesh(np.asarray(devices).reshape(4, 1), ("data", "fsdp"))
+  base = VideoMAEPretrain(img_size=64, patch_size=8, num_frames=4, embed_dim=128, depth=2,
+                          num_heads=2, decoder_embed_dim=128, decoder_depth=2,
+                          decoder_num_heads=2, dtype="bfloat16", scan=True)
+  batch = 8
+  params = jax.eval_shape(lambda: base.init(jax.random.key(0), *base.example_inputs()))
+  video = jax.ShapeDtypeStruct((batch, 4, 64, 64, 3), jnp.float32)
+
+  def grad_of(model):
+    def loss(p, v):
+      m = masking.tube_mask(jax.random.key(1), batch, model.grid, 0.5)
+      return model.apply(p, v, m).astype(jnp.float32).mean()
+    return jax.grad(loss)
+
+  impls = attention.platform_impls(None, base.dtype)
+  once = lambda p, v: jax.lax.platform_dependent(  # noqa: E731
+      p, v, **{k: grad_of(base.clone(attention_impl=i)) for k, i in impls.items()})
+  rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(("data", "fsdp")))
+
+  def temp(fn):
+    step = jax.jit(fn, in_shardings=(jax.tree.map(lambda _: rep, params), data))
+    with jax.set_mesh(mesh):
+      return step.lower(params, video).compile().memory_analysis().temp_size_in_bytes
+
+  named = temp(grad_of(base.clone(attention_impl="tpu_splash")))
+  assert temp(once) == named
+  assert temp(grad_of(base)) > named

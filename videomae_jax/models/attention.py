@@ -15,6 +15,10 @@ one config compiles correctly for CPU, TPU or GPU whatever the host is:
 
 What can only be known outside lowering (the dtype, the device count, whether the CPU kernel
 builds, whether cuDNN accepts the shapes) is decided inside the platform's branch.
+
+Differentiating through the per-call choice keeps (zero) residuals of the branches not taken;
+``scan`` stacks them per block. A train step that chooses the platform once around its whole
+gradient gives each branch its model with :func:`platform_impls` instead.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from videomae_jax.models import cpu_attention
 
 Dtype = Any
 
-ATTENTION_IMPLS = ("cpu_fused", "einsum", "xla", "cudnn", "tpu_splash", "tpu_splash_interpret")
+ATTENTION_IMPLS = ("cpu_fused", "einsum", "xla", "cudnn", "cudnn_or_xla", "tpu_splash",
+                   "tpu_splash_interpret")
 
 
 def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -90,6 +95,19 @@ def resolve_attention_impl(impl: str | None, dtype: Dtype = jnp.float32,
   return "xla"
 
 
+def platform_impls(impl: str | None, dtype: Dtype) -> dict[str, str]:
+  """What ``impl`` means on each platform, keyed like ``jax.lax.platform_dependent``'s
+  branches (``cpu``, ``tpu``, ``cuda``, ``default``), for callers that choose the platform once
+  around a whole gradient: ``platform_dependent(cpu=grad_of(model.clone(attention_impl=
+  impls["cpu"])), ...)``. Differentiating through the per-call choice of ``impl=None`` keeps
+  (zero) residuals of the branches not taken, which ``scan`` stacks per block."""
+  if impl is not None:
+    resolve_attention_impl(impl)
+    return dict.fromkeys(("cpu", "tpu", "cuda", "default"), impl)
+  return {"cpu": resolve_attention_impl(None, dtype, "cpu"), "tpu": "tpu_splash",
+          "cuda": "cudnn_or_xla", "default": "xla"}
+
+
 def _split(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
@@ -145,7 +163,8 @@ def dot_product_attention(qkv: jax.Array, scale: float, implementation: str | No
 
   ``implementation``: None (per platform at lowering time, see the module docstring),
   "einsum" (``remat``: recompute the probabilities in the backward pass), "cpu_fused",
-  "xla"/"cudnn" (``jax.nn.dot_product_attention``), "tpu_splash" (the Pallas TPU kernel;
+  "xla"/"cudnn" (``jax.nn.dot_product_attention``), "cudnn_or_xla" (cuDNN where it accepts the
+  inputs, else XLA: what ``None`` runs on CUDA), "tpu_splash" (the Pallas TPU kernel;
   "tpu_splash_interpret" runs it in the Pallas interpreter, on any backend, for tests).
   """
   if qkv.ndim != 5 or qkv.shape[2] != 3:
@@ -166,4 +185,6 @@ def dot_product_attention(qkv: jax.Array, scale: float, implementation: str | No
     return _xla(qkv, scale)
   if impl == "cudnn":
     return _cudnn(qkv, scale)
+  if impl == "cudnn_or_xla":
+    return _cuda_best(qkv, scale)
   return _tpu(qkv, scale, interpret=impl == "tpu_splash_interpret")
