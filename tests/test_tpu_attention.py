@@ -66,3 +66,26 @@ def test_forward_and_gradients_match_float32(n):
     err, err_xla = rel_err(g[:, :, i], g_ref[:, :, i]), rel_err(g_xla[:, :, i], g_ref[:, :, i])
     assert err < 2e-2, (name, err)
     assert err <= 2 * err_xla + 4e-3, (name, err, err_xla)
+
+
+@pytest.mark.parametrize("n", [160, 1568])  # padded after the projection / before it
+def test_attention_layer_with_projections_in_kernel_layout(n):
+  """The Attention layer on the TPU path (projections written in the kernel's layout) has the
+  params of the einsum path and its loss and gradients, to bf16 accuracy."""
+  from videomae_jax.models import layers
+  x = jax.random.normal(jax.random.key(0), (1, n, 128), jnp.float32)
+  ref = layers.Attention(2, jnp.bfloat16, implementation="einsum")
+  tpu = layers.Attention(2, jnp.bfloat16, implementation="tpu_splash_interpret")
+  params = ref.init(jax.random.key(1), x)
+  assert jax.tree.structure(tpu.init(jax.random.key(1), x)) == jax.tree.structure(params)
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
+  cot = jax.random.normal(jax.random.key(3), x.shape)
+
+  def loss_and_grads(m):
+    return jax.jit(jax.value_and_grad(
+        lambda p, x: jnp.vdot(m.apply(p, x).astype(jnp.float32), cot), argnums=(0, 1)))(params, x)
+
+  (l_ref, g_ref), (l_tpu, g_tpu) = loss_and_grads(ref), loss_and_grads(tpu)
+  assert abs(float(l_tpu) - float(l_ref)) <= 2e-2 * abs(float(l_ref)) + 1.0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_tpu), jax.tree.leaves(g_ref)):
+    assert rel_err(a, b) < 2e-2, (jax.tree_util.keystr(path), rel_err(a, b))

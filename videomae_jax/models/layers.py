@@ -235,6 +235,9 @@ class Attention(nn.Module):
   :func:`attention.dot_product_attention` with ``implementation`` (None: the best for the
   platform being compiled, chosen at lowering time; see that module for the others).
   ``remat_probs`` recomputes the probabilities in the backward pass of the einsum path.
+  With the TPU kernel named ("tpu_splash", e.g. by a step choosing per platform with
+  :func:`attention.platform_impls`) the projections are written in the kernel's layout
+  (:func:`tpu.splash.self_attention`), which saves the transposing copies around it.
   """
 
   num_heads: int
@@ -255,6 +258,17 @@ class Attention(nn.Module):
     q_bias = self.param("q_bias", nn.initializers.zeros, (d,), self.param_dtype)
     v_bias = self.param("v_bias", nn.initializers.zeros, (d,), self.param_dtype)
     bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+    tpu_kernel = self.implementation in ("tpu_splash", "tpu_splash_interpret")
+    if tpu_kernel and self.layers_impl != "cpu":
+      # The TPU kernel with the projections in its layout (same params as the Dense layers).
+      from videomae_jax.models.tpu import splash
+      params = functools.partial(DenseParams, kernel_init=xavier_uniform,
+                                 param_dtype=self.param_dtype)
+      w_qkv, _ = params(3 * d, use_bias=False, name="qkv")(d)
+      w_proj, b_proj = params(d, name="proj")(d)
+      return splash.self_attention(
+          x, w_qkv, bias, w_proj, b_proj, self.num_heads, hd**-0.5, jnp.dtype(self.dtype),
+          interpret=self.implementation == "tpu_splash_interpret", tag=checkpoint_name)
     qkv = dense(3 * d, use_bias=False, name="qkv")(x, bias)
     qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
     out = attention_lib.dot_product_attention(qkv, hd**-0.5, self.implementation,
