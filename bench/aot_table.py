@@ -209,28 +209,30 @@ def extrapolate(cell, best: dict[str, Any], lock: str | None, results: dict[str,
 def table(rows: list[dict[str, Any]]) -> str:
   head = ("| size | slice | mesh (data x fsdp) | remat | decoder mask | clips/chip | HBM/chip "
           "| XLA GFLOP/chip | GB accessed/chip | roofline ms | bound | MFU bound | "
-          "clips/s/chip bound |")
+          "clips/s/chip bound | commit |")
   out = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     if not r.get("hbm"):
       continue
     rf = r["roofline"]
     m = r["model"]
-    flops, nbytes = r["xla_flops"], r["xla_bytes"]
+    flops, nbytes = f"{r['xla_flops'] / 1e9:.0f}", f"{r['xla_bytes'] / 1e9:.0f}"
     if r.get("extrapolated"):  # scanned: the unrolled cost from small unrolled compiles
-      rf, flops, nbytes = dict(r["extrapolated"]["roofline"]), *(
-          r["extrapolated"][k] for k in ("xla_flops", "xla_bytes"))
-      rf["bound"] += " (extrapolated)"
+      e = r["extrapolated"]
+      rf = dict(e["roofline"], bound=e["roofline"]["bound"] + " (extrapolated)")
+      flops, nbytes = f"{e['xla_flops'] / 1e9:.0f}", f"{e['xla_bytes'] / 1e9:.0f}"
     elif r.get("loops_counted_once"):  # XLA counted one loop iteration: no roofline
       rf = dict(rf, step_s=float("nan"), bound="n/a (scan)", mfu_bound=float("nan"),
                 clips_per_s_per_chip=float("nan"))
+      flops = nbytes = "n/a"
     out.append(
         f"| {m['name']} | {r['topology']} | {r['mesh']['data']} x {r['mesh']['fsdp']} | "
         f"{'yes' if m['remat'] else 'no'} | {m['decoder_type']} | {r['clips_per_chip']:g}"
         f"{'' if r['fits'] else ' (OOM)'} | {r['hbm']['total'] / aot.GIB:.1f} / "
-        f"{r['hbm_capacity'] / aot.GIB:.0f} GiB | {flops / 1e9:.0f} | "
-        f"{nbytes / 1e9:.0f} | {1e3 * rf['step_s']:.0f} | {rf['bound']} | "
-        f"{100 * rf['mfu_bound']:.0f}% | {rf['clips_per_s_per_chip']:.1f} |")
+        f"{r['hbm_capacity'] / aot.GIB:.0f} GiB | {flops} | {nbytes} | "
+        f"{1e3 * rf['step_s']:.0f} | {rf['bound']} | "
+        f"{100 * rf['mfu_bound']:.0f}% | {rf['clips_per_s_per_chip']:.0f} | "
+        f"{r.get('tag', '')} |")
   return "\n".join(out)
 
 
@@ -241,15 +243,18 @@ def main(argv=None) -> dict[str, Any]:
   p.add_argument("--json", default="aot_table.json")
   p.add_argument("--lock", default=None, help="flock this file around each compile")
   p.add_argument("--print", dest="print_only", default=None, metavar="JSON",
-                 help="only print the table of a results file")
+                 help="only print the table of these results files (comma-separated)")
   p.add_argument("--tag", default="", help="recorded in every row, e.g. the commit")
   args = p.parse_args(argv)
   global TAG
   TAG = args.tag
   if args.print_only:
-    with open(args.print_only) as f:
-      results = json.load(f)
-    print(table(list(results.values())))
+    results = {}
+    for path in args.print_only.split(","):
+      with open(path) as f:
+        results.update(json.load(f))
+    print(table([r for r in results.values() if r.get("fits") is not None
+                 and not r["cell"]["model"].get("depth")]))  # not the extrapolation compiles
     return results
   results: dict[str, Any] = {}
   if os.path.exists(args.json):
