@@ -11,7 +11,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from videomae_jax import losses, masking
-from videomae_jax.models import VideoMAEPretrain
+from videomae_jax.models import VideoMAEPretrain, attention
 from videomae_jax.normalization import normalize
 from videomae_jax.train import sharding
 
@@ -100,16 +100,22 @@ def make_train_step(model: VideoMAEPretrain, tx: optax.GradientTransformation,
                                         patch_size=m.patch_size, decoder_mask=dmask)
     return jax.value_and_grad(loss_fn)
 
-  if model.layers_impl is None:
-    # The layer forms are chosen here, around the whole gradient, rather than in each layer:
-    # differentiating through a per-layer platform choice keeps (zero) residuals of the form
-    # not taken, and under `scan` those are stacked per block. Same program, chosen at
-    # lowering time all the same.
-    cpu_grad = value_and_grad(model.clone(layers_impl="cpu"))
-    plain_grad = value_and_grad(model.clone(layers_impl="plain"))
+  if model.layers_impl is None or model.attention_impl is None:
+    # The layer forms and the attention implementation are chosen here, around the whole
+    # gradient, rather than in each layer: differentiating through a per-layer platform choice
+    # keeps (zero) residuals of the forms not taken, and under `scan` those are stacked per
+    # block. Same program, chosen at lowering time all the same.
+    impls = attention.platform_impls(model.attention_impl, dtype)
+
+    def form(platform: str, layers: str) -> Callable:
+      return value_and_grad(model.clone(layers_impl=model.layers_impl or layers,
+                                        attention_impl=impls[platform]))
+
+    branches = {"cpu": form("cpu", "cpu"), "tpu": form("tpu", "plain"),
+                "cuda": form("cuda", "plain"), "default": form("default", "plain")}
 
     def grad_fn(*args):
-      return jax.lax.platform_dependent(*args, cpu=cpu_grad, default=plain_grad)
+      return jax.lax.platform_dependent(*args, **branches)
   else:
     grad_fn = value_and_grad(model)
 
