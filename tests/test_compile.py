@@ -122,3 +122,13 @@ def test_planning_table_bisects_to_the_largest_batch_that_fits(tmp_path):
   assert {r["per_chip_batch"]: r["fits"] for r in rows.values()} == {2: True, 4194304: False}
   # The table lists the largest batch that fits.
   assert "| vit_small | v5e:2x2 | 4 x 1 | no | none | 2 |" in proc.stdout
+
+
+def test_v4_devices_are_tensorcores_with_half_a_chip(tmp_path):
+  # libtpu describes v4 slices per TensorCore (2 devices per chip): each device gets half of
+  # the chip's 32 GiB, 275 TFLOP/s and 1.2 TB/s.
+  proc, r = _compile(tmp_path, topology="v4:2x2x1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert r["num_chips"] == 8 and r["devices_per_chip"] == 2
+  assert r["hbm_capacity"] == 16 * 2**30
+  assert r["peak_flops"] == 275e12 / 2 and r["hbm_bandwidth"] == 1.2e12 / 2

@@ -143,6 +143,9 @@ class Analysis:
   # Blocks under scan or gradient accumulation: XLA's cost analysis counts a while-loop body
   # once, so FLOPs, bytes and the roofline cover one iteration (memory is exact).
   loops_counted_once: bool = False
+  # JAX devices per chip (v4 topologies: 2 TensorCores); every per-chip number above is then
+  # per device, against that device's share of the chip (HBM, FLOP/s, bandwidth).
+  devices_per_chip: int = 1
 
   @property
   def model_flops(self) -> float:
@@ -198,6 +201,10 @@ class Analysis:
         f"{100 * r['xla_flops_utilization_bound']:.1f}%), <= "
         f"{r['clips_per_s_per_chip']:.1f} clips/s/chip",
     ]
+    if self.devices_per_chip > 1:
+      lines.append(f"  note: this topology has {self.devices_per_chip} devices (TensorCores) "
+                   "per chip: every number above is per device, against its share of the "
+                   f"chip; per chip: {self.devices_per_chip}x the clips, HBM and clips/s")
     if self.loops_counted_once:
       lines.append("  note: XLA's cost analysis counts a loop body once, and this step loops "
                    "(blocks under scan or gradient accumulation): FLOPs, bytes and the "
@@ -243,6 +250,11 @@ def analyze_config(config, topology: str, *, config_name: str = "config") -> Ana
   devices = topology_devices(topology)
   kind = devices[0].device_kind
   capacity, bandwidth = hbm_spec(kind)
+  # v4 topologies describe each TensorCore as a device (2 per chip, no megacore): the per-device
+  # program then gets half a chip's HBM, FLOP/s and bandwidth.
+  chips = len({tuple(getattr(d, "coords", (i,))) for i, d in enumerate(devices)})
+  per_chip = max(len(devices) // max(chips, 1), 1)
+  capacity, bandwidth = capacity // per_chip, bandwidth / per_chip
   config = config_lib.resolve(config)
   config_lib.validate(config, len(devices))
   model = config_lib.build_model(config)
@@ -250,6 +262,8 @@ def analyze_config(config, topology: str, *, config_name: str = "config") -> Ana
                                            device_kind=kind)
   if not peak:
     raise KeyError(f"no peak FLOP/s known for {kind!r}: set --config.peak_flops_per_device")
+  if not config.peak_flops_per_device:
+    peak /= per_chip
   mesh = sharding.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices)
   steps_per_epoch = int(config.steps_per_epoch) or 1000  # shapes nothing but the schedule
   total_steps = int(config.total_steps) or int(config.num_epochs) * steps_per_epoch
@@ -297,7 +311,8 @@ def analyze_config(config, topology: str, *, config_name: str = "config") -> Ana
       model_flops_per_clip=float(flops_lib.train_flops(model, config.mask.ratio, decoder_ratio,
                                                        config.mask.type)),
       peak_flops=float(peak), hbm_bandwidth=bandwidth, compile_s=compile_s,
-      loops_counted_once=bool(model.scan) or int(config.optim.accum_steps) > 1)
+      loops_counted_once=bool(model.scan) or int(config.optim.accum_steps) > 1,
+      devices_per_chip=per_chip)
   if hbm["total"] > capacity:
     raise OutOfMemoryError(
         f"out of HBM: {desc} needs {hbm['total'] / GIB:.2f} GiB per chip on {topology} "
