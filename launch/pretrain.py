@@ -21,6 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from videomae_jax.train import distributed  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and images go here.")
@@ -32,40 +34,6 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index in a multi
 log = logging.getLogger("videomae_jax.train")
 
 
-# SLURM_STEP_ID values of steps that are not srun task launches: the batch script, the
-# extern step (older Slurm gives them as 2**32 - 2 and 2**32 - 1), the interactive step.
-_SLURM_NON_TASK_STEPS = frozenset({"batch", "extern", "interactive", "4294967293",
-                                   "4294967294", "4294967295"})
-
-
-def _int(value: str | None) -> int:
-  try:
-    return int(value or 0)
-  except ValueError:
-    return 0
-
-
-def slurm_step_tasks(env: Mapping[str, str]) -> int:
-  """How many tasks run this command in its srun step; 0 outside an srun task.
-
-  An sbatch script or a shell inside salloc also sees SLURM_NTASKS (the allocation's) and
-  SLURM_PROCID=0, but no other task runs the command there: only srun sets a step id.
-  """
-  step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
-  if step is None or step in _SLURM_NON_TASK_STEPS or "SLURM_PROCID" not in env:
-    return 0
-  return _int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS"))
-
-
-def cluster_from_env(env: Mapping[str, str]) -> str | None:
-  """'tpu' or 'slurm' when jax.distributed initialises itself from ``env``; None = one process."""
-  if env.get("TPU_WORKER_HOSTNAMES"):
-    return "tpu"
-  if slurm_step_tasks(env) > 1:
-    return "slurm"
-  return None
-
-
 def initialize_distributed(env: Mapping[str, str] = os.environ) -> None:
   """jax.distributed: from flags, from the environment (TPU pods, srun tasks), or one process."""
   import jax
@@ -74,9 +42,9 @@ def initialize_distributed(env: Mapping[str, str] = os.environ) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
                                process_id=_PID.value)
-  elif cluster_from_env(env):
+  elif distributed.cluster_from_env(env):
     jax.distributed.initialize()
-  elif _int(env.get("SLURM_NTASKS")) > 1:
+  elif distributed.env_int(env.get("SLURM_NTASKS")) > 1:
     # Waiting for the other tasks here would hang: none of them runs this command.
     log.warning("SLURM_NTASKS=%s but this process is not an srun task (no SLURM_STEP_ID): "
                 "running as one process; start it with `srun python -m launch.pretrain ...` "

@@ -55,6 +55,9 @@ def test_planted_library_without_a_valid_sidecar_is_rebuilt_not_loaded(fresh, tm
     os.environ["VIDEOMAE_JAX_CACHE"] = str(cache)
     cache.mkdir(mode=0o700, exist_ok=True)
     planted = cache / name
+    # A new file, as an attacker would write: truncating the library this process already
+    # mapped (the previous round's build) would crash it with SIGBUS.
+    planted.unlink(missing_ok=True)
     planted.write_bytes(b"\x7fELF garbage, loading this would fail or worse" * 50)
     side = cache / (name + ".sha256")
     if sidecar is None:

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from launch import pretrain
+from videomae_jax.train import distributed
 from tests import trainer_harness as h
 
 # What an sbatch script (or a shell inside salloc) sees: the allocation's task count and
@@ -28,7 +28,7 @@ SBATCH_ENV = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_NPROCS": "2",
     ({"TPU_WORKER_HOSTNAMES": "t0,t1"}, "tpu"),
 ])
 def test_cluster_from_env(env, expected):
-  assert pretrain.cluster_from_env(env) == expected
+  assert distributed.cluster_from_env(env) == expected
 
 
 def test_slurm_variables_without_srun_run_single_process(tmp_path):
