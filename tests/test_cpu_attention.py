@@ -6,26 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.attention_reference import einsum_attention as xla_bf16_attention, f32_attention, rel_err
 from videomae_jax import masking
 from videomae_jax.models import cpu_attention, layers, presets, videomae
 
 pytestmark = pytest.mark.skipif(cpu_attention.unavailable_reason() is not None,
                                 reason=f"fused CPU attention: {cpu_attention.unavailable_reason()}")
-
-
-def f32_attention(qkv, scale):
-  q, k, v = (qkv[:, :, i].astype(jnp.float32) for i in range(3))
-  p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", p, v)
-
-
-def xla_bf16_attention(qkv, scale):
-  return layers.einsum_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale)
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-3))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 64), (1, 5, 2, 64), (2, 70, 3, 64), (1, 33, 2, 88),

@@ -6,27 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.attention_reference import einsum_attention as einsum_bf16, f32_attention, rel_err
 from videomae_jax.models import attention
 from videomae_jax.models.tpu import splash
 
 
-def f32_attention(qkv, scale):
-  q, k, v = (qkv[:, :, i].astype(jnp.float32) for i in range(3))
-  p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", p, v)
-
-
-def einsum_bf16(qkv, scale):
-  return attention.einsum_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale)
-
-
 def interpreted(qkv, scale):
   return attention.dot_product_attention(qkv, scale, "tpu_splash_interpret")
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-3))
 
 
 def test_padding_and_blocks():
