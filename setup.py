@@ -35,6 +35,8 @@ setup(
         "ml_collections",
         "absl-py",
         "numpy",
+        # On-device augmentation for fine-tuning (RandAugment ops, flips, colour).
+        "dm-pix",
     ],
     extras_require={
         "torch": TORCH,
