@@ -225,6 +225,10 @@ class StepTimer:
     self.compile_s = now - self.t0
     self.reset(now)
 
+  def exclude(self, seconds: float):
+    """Leaves ``seconds`` (spent outside the steps, e.g. in validation) out of the window."""
+    self.t0 += seconds
+
   def add_data_wait(self, seconds: float):
     self.data_wait += seconds
 
