@@ -1,8 +1,10 @@
-"""Input pipeline for VideoMAE pre-training: sources, reference sampling and crops, tf.data.
+"""Input pipeline for VideoMAE: sources, reference sampling and crops, tf.data; fine-tuning
+samplers and the decode-once multi-view evaluation loader.
 
-The pipeline (`build_pretrain_dataset`, `PretrainDataset`, `BatchLayout`) is imported on first
-use: it pulls in the video decoders and OpenCV, which the config, a synthetic-data run and
-`launch.export` do not need.
+The pipeline (`build_pretrain_dataset`, `PretrainDataset`, `BatchLayout`) and the evaluation
+loader (`build_eval_dataset`, `build_val_dataset`, `MultiViewLoader`, `eval_view_count`) are
+imported on first use: they pull in the video decoders and OpenCV, which the config, a
+synthetic-data run and `launch.export` do not need.
 """
 from __future__ import annotations
 
@@ -10,17 +12,20 @@ import importlib
 from typing import Any
 
 from videomae_jax.data.config import default_data_config
-from videomae_jax.data.sources import (SourceError, VideoRecord, load_annotation_list,
-                                       scan_video_folder)
+from videomae_jax.data.sources import (SourceError, VideoRecord, check_labels,
+                                       load_annotation_list, scan_video_folder)
 from videomae_jax.data.stats import BadDataError, BadDataStats
 
 _LAZY = {'BatchLayout': 'pipeline', 'PretrainDataset': 'pipeline',
-         'build_pretrain_dataset': 'pipeline'}
+         'build_pretrain_dataset': 'pipeline', 'MultiViewLoader': 'evaluation',
+         'build_eval_dataset': 'evaluation', 'build_val_dataset': 'evaluation',
+         'eval_view_count': 'evaluation'}
 
 __all__ = [
-    'BadDataError', 'BadDataStats', 'BatchLayout', 'PretrainDataset', 'SourceError',
-    'VideoRecord', 'build_pretrain_dataset', 'default_data_config', 'load_annotation_list',
-    'scan_video_folder',
+    'BadDataError', 'BadDataStats', 'BatchLayout', 'MultiViewLoader', 'PretrainDataset',
+    'SourceError', 'VideoRecord', 'build_eval_dataset', 'build_pretrain_dataset',
+    'build_val_dataset', 'check_labels', 'default_data_config', 'eval_view_count',
+    'load_annotation_list', 'scan_video_folder',
 ]
 
 

@@ -1,6 +1,9 @@
-"""Reference multi-scale crop (GroupMultiScaleCrop), resize and flip on uint8 clips."""
+"""Host crops on uint8 clips: the reference multi-scale crop (GroupMultiScaleCrop) of
+pre-training, the official fine-tuning RandomResizedCrop, the test-time short-side resize and
+crops along the long side; resize and flip."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import cv2
@@ -55,6 +58,85 @@ def sample_crop_box(image_w: int, image_h: int, input_size: int, scales: Sequenc
   offsets = fixed_offsets(image_w, image_h, crop_w, crop_h)
   x, y = offsets[int(rng.integers(len(offsets)))]
   return CropBox(x, y, crop_w, crop_h)
+
+
+CROPS = ('multiscale', 'random_resized')
+
+
+def random_resized_crop_box(image_w: int, image_h: int, scale: Sequence[float],
+                            ratio: Sequence[float], rng: np.random.Generator,
+                            num_repeat: int = 10) -> CropBox:
+  """One RandomResizedCrop box, the arithmetic of the official fine-tuning crop
+  (`video_transforms._get_param_spatial_crop`, log-uniform aspect ratio).
+
+  Up to `num_repeat` tries of an area fraction uniform in `scale` and a log-uniform aspect
+  ratio in `ratio`, sides rounded; the first that fits is placed uniformly (both ends
+  included). Then the fallback: the whole frame, narrowed to the nearest allowed aspect
+  ratio when the frame's own is outside `ratio`, centred.
+  """
+  width, height = int(image_w), int(image_h)
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(num_repeat):
+    target_area = float(rng.uniform(scale[0], scale[1])) * area
+    aspect_ratio = math.exp(float(rng.uniform(log_ratio[0], log_ratio[1])))
+    w = int(round(math.sqrt(target_area * aspect_ratio)))
+    h = int(round(math.sqrt(target_area / aspect_ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      i = int(rng.integers(0, height - h + 1))  # random.randint(0, height - h): inclusive.
+      j = int(rng.integers(0, width - w + 1))
+      return CropBox(j, i, w, h)
+  in_ratio = float(width) / float(height)
+  if in_ratio < min(ratio):
+    w = width
+    h = int(round(w / min(ratio)))
+  elif in_ratio > max(ratio):
+    h = height
+    w = int(round(h * max(ratio)))
+  else:
+    w, h = width, height
+  return CropBox((width - w) // 2, (height - h) // 2, w, h)
+
+
+def short_side_resize_size(image_w: int, image_h: int, short_side: int) -> tuple[int, int]:
+  """(w, h) after the official test `video_transforms.Resize(short_side)`: the short side
+  becomes `short_side` and the long side `int(short_side * long / short)` (truncated)."""
+  if image_w < image_h:
+    return int(short_side), int(short_side * image_h / image_w)
+  return int(short_side * image_w / image_h), int(short_side)
+
+
+def long_side_crop_offsets(image_w: int, image_h: int, size: int,
+                           num_crops: int) -> list[tuple[int, int]]:
+  """(x, y) of the official test crops of `size` x `size` on a frame whose short side is
+  `size`: `num_crops` evenly spaced along the long side, int(k * (long - size) /
+  (num_crops - 1)); along the height when h >= w. One crop (where the official divides by
+  zero) is the centre crop of its validation `CenterCrop`: int(round((long - size) / 2)).
+  """
+  if num_crops < 1:
+    raise ValueError(f'num_crops={num_crops} < 1')
+  long_side = max(image_w, image_h)
+  if num_crops == 1:
+    starts = [int(round((long_side - size) / 2.))]
+  else:
+    step = 1.0 * (long_side - size) / (num_crops - 1)
+    starts = [int(k * step) for k in range(num_crops)]
+  if image_h >= image_w:
+    return [(0, s) for s in starts]
+  return [(s, 0) for s in starts]
+
+
+def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """(T, h, w, 3) frames to (T, size[1], size[0], 3) with OpenCV bilinear (the official
+  test resize, `functional.resize_clip`); unchanged when already that size."""
+  _single_threaded_cv2()
+  w, h = size
+  if frames.shape[1:3] == (h, w):
+    return frames
+  out = np.empty((len(frames), h, w, 3), np.uint8)
+  for t in range(len(frames)):
+    cv2.resize(frames[t], (w, h), dst=out[t], interpolation=cv2.INTER_LINEAR)
+  return out
 
 
 def frame_box(box: CropBox, stored_size: tuple[int, int],

@@ -23,9 +23,10 @@ def auto_decode_short_side(data_config) -> int:
 
 def make_clips(video: readers.VideoFile, rng: np.random.Generator, data_config,
                num_frames_override: int | None = None) -> np.ndarray:
-  """Samples one window of `video`, decodes it once and crops it `num_sample` times.
+  """Samples the frames of one clip of `video` (`config.data.frame_sampling`), decodes them
+  once and crops them `num_sample` times (`config.data.crop`).
 
-  Returns (num_sample, T, input_size, input_size, 3) uint8. The window is shared
+  Returns (num_sample, T, input_size, input_size, 3) uint8. The frames are shared
   by the `num_sample` clips (repeated sampling); each gets its own crop and flip.
   The generator draws the frame indices, then (crop, flip) per clip, whatever the
   reader: a video that knows its stored size before decoding and can render crops
@@ -35,7 +36,7 @@ def make_clips(video: readers.VideoFile, rng: np.random.Generator, data_config,
   n = num_frames_override or video.num_frames
   if n < max(1, c.get('min_frames', 1)):
     raise readers.DecodeError(f'{video.path}: too short ({n} frames, min_frames={c.min_frames})')
-  idx = sampling.sample_frame_indices(n, c.num_frames, c.sampling_rate, rng)
+  idx = sampling.train_frame_indices(n, c, rng)
   render = getattr(video, 'render_clips', None)
   if render is not None and video.stored_size:
     crops = [_sample_crop(video.stored_size, c, rng) for _ in range(c.num_sample)]
@@ -53,10 +54,34 @@ def make_clips(video: readers.VideoFile, rng: np.random.Generator, data_config,
 
 def _sample_crop(stored_size: tuple[int, int], c, rng: np.random.Generator
                  ) -> tuple[augment.CropBox, bool]:
-  """One clip's multi-scale crop (in stored-video pixels) and flip."""
+  """One clip's crop (in stored-video pixels) and flip: multi-scale, or RandomResizedCrop,
+  which the fine-tuning step follows with its own flip on the device (none here)."""
+  if c.get('crop', 'multiscale') == 'random_resized':
+    return augment.random_resized_crop_box(stored_size[0], stored_size[1], tuple(c.rrc_scale),
+                                           tuple(c.rrc_ratio), rng), False
   box = augment.sample_crop_box(stored_size[0], stored_size[1], c.input_size, tuple(c.scales),
                                 c.get('max_distort', 1), rng)
   return box, bool(c.flip) and bool(rng.integers(2))
+
+
+def check_sampling_config(data_config) -> None:
+  """Raises ValueError for an unknown `frame_sampling` or `crop`, once, before decoding
+  (inside a decode a ValueError would count every video as bad)."""
+  mode = data_config.get('frame_sampling', 'pretrain')
+  if mode not in sampling.FRAME_SAMPLINGS:
+    raise ValueError(f'config.data.frame_sampling={mode!r}; expected one of '
+                     f'{sampling.FRAME_SAMPLINGS}')
+  crop = data_config.get('crop', 'multiscale')
+  if crop not in augment.CROPS:
+    raise ValueError(f'config.data.crop={crop!r}; expected one of {augment.CROPS}')
+  if crop == 'random_resized':
+    if data_config.get('flip', False):
+      raise ValueError('config.data.flip=True with config.data.crop=random_resized: the '
+                       'fine-tuning step flips on the device; set config.data.flip=False')
+    for key in ('rrc_scale', 'rrc_ratio'):
+      lo, hi = (float(v) for v in data_config[key])
+      if not 0 < lo <= hi:
+        raise ValueError(f'config.data.{key}={tuple(data_config[key])}; expected 0 < lo <= hi')
 
 
 class TimedDecodes:
@@ -136,7 +161,45 @@ class TimedDecodes:
 # as bad: a transient stall (NFS, a busy disk) must not blacklist a good file.
 DECODE_RETRIES = 1
 
-_DECODE_ERRORS = (readers.DecodeError, RuntimeError, ValueError, OSError, MemoryError)
+DECODE_ERRORS = (readers.DecodeError, RuntimeError, ValueError, OSError, MemoryError)
+
+
+def decode_with_retry(fn: Callable[[], np.ndarray], path: str, runner: TimedDecodes,
+                      stats: BadDataStats, data_config) -> np.ndarray | None:
+  """`fn()` under `decode_timeout_s`, tried 1 + DECODE_RETRIES times; None once every try
+  failed (the file is then recorded as bad, and BadDataError raised past
+  `max_bad_fraction`)."""
+  timeout_s = float(data_config.get('decode_timeout_s', 0))
+  for trial in range(DECODE_RETRIES + 1):
+    timed_out = False
+    try:
+      return runner.run(fn, timeout_s, path)
+    except readers.BackendUnavailable as e:
+      stats.fatal = str(e)  # Not the file's fault: stop, do not skip every video.
+      raise
+    except BadDataError:
+      raise
+    except TimeoutError as e:
+      reason, timed_out = str(e), True
+    except DECODE_ERRORS as e:
+      reason = f'{type(e).__name__}: {e}'
+    if timed_out:
+      stats.record_timeout()
+    if trial < DECODE_RETRIES:
+      stats.record_retry(path, reason)
+  stats.record_failure(path, reason)
+  stats.check(float(data_config.max_bad_fraction))
+  return None
+
+
+def import_backends(records: Sequence[VideoRecord], reader: str) -> None:
+  """Imports the decoder module every record needs: a missing one fails here, once,
+  instead of as a bad file per video."""
+  first = {}
+  for rec in records:
+    first.setdefault(readers.resolve_reader(reader, rec.path), rec.path)
+  for name, path in first.items():
+    readers.import_backend(name, path)
 
 
 class ClipDecoder:
@@ -156,6 +219,7 @@ class ClipDecoder:
     is a video file opened with `config.data.reader`."""
     if not records:
       raise ValueError('empty video source')
+    check_sampling_config(data_config)
     self.records = list(records)
     self.config = data_config
     self.stats = stats or BadDataStats()
@@ -164,12 +228,7 @@ class ClipDecoder:
     self._runner = TimedDecodes(data_config.get('max_abandoned_decodes', 4), self.stats)
     self._opener = opener
     if opener is None:
-      # A missing decoder module fails here, once, instead of as a bad file per video.
-      first = {}
-      for rec in self.records:
-        first.setdefault(readers.resolve_reader(data_config.reader, rec.path), rec.path)
-      for name, path in first.items():
-        readers.import_backend(name, path)
+      import_backends(self.records, data_config.reader)
 
   def _open(self, vid: int) -> readers.VideoFile:
     if self._opener is not None:
@@ -194,28 +253,8 @@ class ClipDecoder:
 
   def _decode_with_retry(self, vid: int, rng_factory) -> np.ndarray | None:
     """The clips of video `vid`, or None once it failed 1 + DECODE_RETRIES times (then bad)."""
-    path = self.records[vid].path
-    timeout_s = float(self.config.get('decode_timeout_s', 0))
-    for trial in range(DECODE_RETRIES + 1):
-      timed_out = False
-      try:
-        return self._runner.run(lambda: self._decode(vid, rng_factory), timeout_s, path)
-      except readers.BackendUnavailable as e:
-        self.stats.fatal = str(e)  # Not the file's fault: stop, do not skip every video.
-        raise
-      except BadDataError:
-        raise
-      except TimeoutError as e:
-        reason, timed_out = str(e), True
-      except _DECODE_ERRORS as e:
-        reason = f'{type(e).__name__}: {e}'
-      if timed_out:
-        self.stats.record_timeout()
-      if trial < DECODE_RETRIES:
-        self.stats.record_retry(path, reason)
-    self.stats.record_failure(path, reason)
-    self.stats.check(float(self.config.max_bad_fraction))
-    return None
+    return decode_with_retry(lambda: self._decode(vid, rng_factory), self.records[vid].path,
+                             self._runner, self.stats, self.config)
 
   def load_example(self, example: int) -> dict[str, np.ndarray]:
     """Clips of global example `example`: video (S, T, H, W, 3) uint8, label, index, example."""

@@ -1,4 +1,4 @@
-"""Default `config.data` for pre-training: every field the input pipeline reads."""
+"""Default `config.data`: every field the input pipeline reads (pre-training defaults)."""
 from __future__ import annotations
 
 import ml_collections
@@ -26,12 +26,22 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.num_frames = 16
   c.sampling_rate = 4
   c.min_frames = 1         # Videos with fewer decodable frames are skipped as too short.
+  # 'pretrain' (one window at stride sampling_rate) | 'dense' (fine-tuning K400: official
+  # kinetics.py, linspace over a window ending at random) | 'segment' (fine-tuning SSv2:
+  # official ssv2.py, one random frame from each of num_frames equal segments).
+  c.frame_sampling = 'pretrain'
   # Augmentation (reference multi-scale crop; no flip in the reference recipe).
   c.input_size = 224
   c.scales = (1.0, 0.875, 0.75, 0.66)
   c.max_distort = 1
   c.flip = False
   c.num_sample = 1         # Clips (crops) per decoded video; global_batch_size counts clips.
+  # 'multiscale' (pre-training, scales / max_distort / flip above) | 'random_resized'
+  # (fine-tuning: official RandomResizedCrop; no host flip, the fine-tuning step flips).
+  c.crop = 'multiscale'
+  c.rrc_scale = (0.08, 1.0)
+  # Official kinetics.py `_aug_frame` passes [0.75, 1.3333], not exactly 4/3.
+  c.rrc_ratio = (0.75, 1.3333)
   # Short side to decode at, when the stored video is larger (0 = auto:
   # ceil(input_size / min(scales)), so even the smallest crop is not upsampled).
   c.decode_short_side = 0

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from videomae_jax.data.clips import ClipDecoder
+from videomae_jax.data.clips import ClipDecoder, check_sampling_config
 from videomae_jax.data.sources import file_source_from_config
 from videomae_jax.data.stats import BadDataError, BadDataStats
 
@@ -217,6 +217,7 @@ def build_pretrain_dataset(data_config, *, global_batch_size: int,
                        int(process_count))
   if start_step < 0:
     raise ValueError(f'start_step={start_step} < 0')
+  check_sampling_config(data_config)
   stats = BadDataStats()
   if data_config.get('tfds_name'):
     from videomae_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
@@ -239,8 +240,8 @@ def build_pretrain_dataset(data_config, *, global_batch_size: int,
 # live (a moved dataset resumes), how fast they are decoded, and when to give up. Every other
 # field, including any added later, defines the stream and is compared on resume.
 NON_STREAM_FIELDS = frozenset({
-    'train_list', 'root', 'video_dir', 'frame_store', 'tfds_data_dir', 'tfds_manual_dir',
-    'tfds_download',
+    'train_list', 'val_list', 'root', 'video_dir', 'frame_store', 'tfds_data_dir',
+    'tfds_manual_dir', 'tfds_download',
     'decode_timeout_s', 'max_abandoned_decodes', 'max_bad_fraction', 'max_replacements',
     'num_parallel_calls',
     'num_threads', 'prefetch'})

@@ -181,21 +181,38 @@ class DecordVideo:
       self._vr = decord.VideoReader(path, num_threads=1, **kw)
     except (RuntimeError, decord.DECORDError) as e:
       raise DecodeError(f'{path}: {e}') from e
+    self._decord = decord
+    self._size = size
     self.num_frames = len(self._vr)
     self.stored_size = stored_size or size
+
+  def _read(self, indices: np.ndarray) -> dict[int, np.ndarray]:
+    got = {}
+    for i in sorted({int(i) for i in indices}):
+      checkpoint(self.path)
+      got[i] = self._vr.get_batch([i]).asnumpy()[0]
+    return got
 
   def get_frames(self, indices: np.ndarray) -> np.ndarray:
     # One frame per call (same seeks and cost as one batch call) so that an
     # abandoned decode stops at the next frame; repeats are decoded once.
-    got = {}
     try:
-      for i in sorted({int(i) for i in indices}):
-        checkpoint(self.path)
-        got[i] = self._vr.get_batch([i]).asnumpy()[0]
+      got = self._read(indices)
     except DecodeCancelled:
       raise
     except Exception as e:  # decord raises DECORDError, IndexError or RuntimeError.
-      raise DecodeError(f'{self.path}: {e}') from e
+      if self._size is None:
+        raise DecodeError(f'{self.path}: {e}') from e
+      # decord's scaled decoding fails for some output sizes (e.g. widths 16, 24, 48, 72):
+      # decode at the stored size instead; the crops are mapped onto whatever size arrives.
+      try:
+        self._vr = self._decord.VideoReader(self.path, num_threads=1)
+        self._size = None
+        got = self._read(indices)
+      except DecodeCancelled:
+        raise
+      except Exception as e2:  # noqa: BLE001
+        raise DecodeError(f'{self.path}: {e2}') from e2
     frames = np.stack([got[int(i)] for i in indices])
     if self.stored_size is None:
       self.stored_size = (frames.shape[2], frames.shape[1])

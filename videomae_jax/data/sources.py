@@ -52,6 +52,28 @@ def load_annotation_list(list_path: str, root: str = '') -> list[VideoRecord]:
   return records
 
 
+def check_labels(records: Sequence[VideoRecord], num_classes: int, source_name: str) -> int:
+  """Checks that every label is a class in [0, num_classes) and returns the number of
+  distinct labels.
+
+  Raises SourceError naming `source_name` (the list file or folder), how many records are
+  out of range, and the first offending path and label; -1 (no label, as in pre-training
+  lists) is an error here too.
+  """
+  if num_classes < 1:
+    raise ValueError(f'num_classes={num_classes} < 1')
+  if not records:
+    raise SourceError(f'{source_name}: lists no videos')
+  bad = [r for r in records if not 0 <= r.label < num_classes]
+  if bad:
+    first = bad[0]
+    what = 'no label (-1)' if first.label == -1 else f'label {first.label}'
+    raise SourceError(
+        f'{source_name}: {len(bad)} of {len(records)} videos have labels outside '
+        f'[0, {num_classes}); first: {first.path!r} with {what}')
+  return len({r.label for r in records})
+
+
 def scan_video_folder(video_dir: str,
                       extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> list[VideoRecord]:
   """All videos under `video_dir` (recursive, by extension), sorted for a stable order.
