@@ -24,7 +24,8 @@ setup(
     description="VideoMAE masked video pre-training in JAX/Flax, numerically identical to the PyTorch reference",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["videomae_jax", "videomae_jax.*", "launch", "launch.*"]),
+    packages=find_packages(include=["videomae_jax", "videomae_jax.*", "launch", "launch.*",
+                                    "experiments", "experiments.*"]),
     # C++ source of the fused CPU attention kernel, compiled on first use.
     package_data={"videomae_jax.models": ["cpu_attention.cc"]},
     python_requires=">=3.10",

@@ -25,6 +25,9 @@ import sys
 
 from absl import app, flags
 
+# Kept importable from here; they live in the library (fine-tuning reads workdirs too).
+from videomae_jax.finetune.init import load_config, load_params  # noqa: F401
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with config.json).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
@@ -51,41 +54,6 @@ def missing_extras(formats) -> dict[str, str]:
         out[fmt] = f"needs the `{extra}` extra (pip install -e '.[{extra}]'): {e}"
         break
   return out
-
-
-def load_config(workdir: str):
-  import ml_collections
-  path = os.path.join(workdir, "config.json")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def load_params(workdir: str, step: int | None = None):
-  """(model, params, step) from a workdir's config.json and checkpoint, on the local CPU/device.
-
-  Only the params are read: the optimizer state (2x the params with Adam) is not restored."""
-  import jax
-
-  from videomae_jax.train import checkpointing, optim, step as step_lib
-  from videomae_jax.train import config as config_lib
-  config = load_config(workdir)
-  model = config_lib.build_model(config)
-  tx, _ = optim.make_optimizer(config, total_steps=1, steps_per_epoch=1)
-
-  abstract = jax.eval_shape(step_lib.make_init_fn(model, tx, jax.random.key(0))).params
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = checkpointing.abstract_with_shardings(abstract, jax.tree.map(lambda _: device,
-                                                                          abstract))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
-                                    async_save=False, read_only=True)
-  try:
-    step = step if step is not None else ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    params = ckpt.restore_params(step, abstract)
-  finally:
-    ckpt.close()
-  return model, jax.device_get(params), step
 
 
 def hf_config_dict(model, encoder_only: bool, norm_pix: bool = True) -> dict:

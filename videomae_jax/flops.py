@@ -154,3 +154,15 @@ def param_counts(cfg) -> dict[str, int]:
   decoder = (d * dd + dd + m.decoder_depth * block(dd, int(dd * m.mlp_ratio)) + 2 * dd
              + dd * m.patch_dim + m.patch_dim)
   return dict(encoder=encoder, decoder=decoder, total=encoder + decoder)
+
+
+def classifier_flops(model) -> dict[str, int]:
+  """Forward FLOPs of one clip through a ``VideoMAEClassifier`` (every token, no mask):
+  ``embed``, ``encoder`` and ``head``, and ``total``; a training step costs about 3x."""
+  n, d = model.num_tokens, model.embed_dim
+  out = dict(embed=2 * n * model.patch_dim * d,
+             encoder=model.depth * (_dense_flops(n, d, int(d * model.mlp_ratio))
+                                    + _attn_flops(n, d)),
+             head=2 * d * int(model.num_classes))
+  out["total"] = out["embed"] + out["encoder"] + out["head"]
+  return out

@@ -56,6 +56,16 @@ def trunc_normal_init(std: float) -> Callable:
   return init
 
 
+def normal_init(std: float) -> Callable:
+  """timm's ``trunc_normal_(std=std)`` as the reference's fine-tuning model calls it: truncated
+  at +-2 (absolute), i.e. N(0, std) for std << 1."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, dtype) * std
+
+  return init
+
+
 def sincos_table(n_position: int, dim: int) -> np.ndarray:
   """Fixed 1-D sinusoid table of the reference, (n_position, dim) float32.
 
@@ -69,6 +79,54 @@ def sincos_table(n_position: int, dim: int) -> np.ndarray:
   table[:, 0::2] = np.sin(angle[:, 0::2])
   table[:, 1::2] = np.cos(angle[:, 1::2])
   return table.astype(np.float32)
+
+
+def _cubic_weights(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) matrix of ``F.interpolate(mode='bicubic', align_corners=False)`` along one
+  axis: cubic convolution with A = -0.75, source index (i + 0.5) * n_in / n_out - 0.5 (not
+  clamped), taps outside the input clamped to its border."""
+  a = -0.75
+  w = np.zeros((n_out, n_in))
+  for i in range(n_out):
+    src = (i + 0.5) * n_in / n_out - 0.5
+    i0 = math.floor(src)
+    t = src - i0
+    x1, x2 = t + 1.0, 2.0 - t
+    coeffs = (((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a,
+              ((a + 2) * t - (a + 3)) * t * t + 1,
+              ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+              ((a * x2 - 5 * a) * x2 + 8 * a) * x2 - 4 * a)
+    for k, c in enumerate(coeffs):
+      w[i, min(max(i0 - 1 + k, 0), n_in - 1)] += c
+  return w
+
+
+def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) matrix of ``F.interpolate(mode='linear', align_corners=False)``: source
+  index (i + 0.5) * n_in / n_out - 0.5 clamped at 0, the upper neighbour clamped to the end."""
+  w = np.zeros((n_out, n_in))
+  for i in range(n_out):
+    src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+    i0 = min(math.floor(src), n_in - 1)
+    lam = min(max(src - i0, 0.0), 1.0)
+    w[i, i0] += 1.0 - lam
+    w[i, min(i0 + 1, n_in - 1)] += lam
+  return w
+
+
+def interpolated_sincos_table(src_grid: tuple[int, int, int], dst_grid: tuple[int, int, int],
+                              dim: int) -> np.ndarray:
+  """VideoMAE V2's table for another geometry, (T*H*W, dim) float32: the sin/cos table of the
+  token grid ``src_grid`` (T0, H0, W0), resized bicubically in space and then linearly in time
+  to ``dst_grid``, as ``torch.nn.functional.interpolate`` does it (align_corners=False).
+
+  The two resizes are separable linear maps, applied here as one product in float64.
+  """
+  (t0, h0, w0), (t1, h1, w1) = tuple(map(int, src_grid)), tuple(map(int, dst_grid))
+  src = sincos_table(t0 * h0 * w0, dim).reshape(t0, h0, w0, dim).astype(np.float64)
+  out = np.einsum("at,bh,cw,thwd->abcd", _linear_weights(t0, t1), _cubic_weights(h0, h1),
+                  _cubic_weights(w0, w1), src, optimize=True)
+  return out.reshape(t1 * h1 * w1, dim).astype(np.float32)
 
 
 def layer_norm(eps: float, name: str) -> nn.LayerNorm:
@@ -246,6 +304,7 @@ class Attention(nn.Module):
   implementation: str | None = None
   remat_probs: bool = False
   layers_impl: str | None = None
+  kernel_init: Callable = xavier_uniform
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -253,7 +312,7 @@ class Attention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"embed dim {d} is not divisible by num_heads={self.num_heads}")
     hd = d // self.num_heads
-    dense = functools.partial(Dense, kernel_init=xavier_uniform, dtype=self.dtype,
+    dense = functools.partial(Dense, kernel_init=self.kernel_init, dtype=self.dtype,
                               param_dtype=self.param_dtype, impl=self.layers_impl)
     q_bias = self.param("q_bias", nn.initializers.zeros, (d,), self.param_dtype)
     v_bias = self.param("v_bias", nn.initializers.zeros, (d,), self.param_dtype)
@@ -262,7 +321,7 @@ class Attention(nn.Module):
     if tpu_kernel and self.layers_impl != "cpu":
       # The TPU kernel with the projections in its layout (same params as the Dense layers).
       from videomae_jax.models.tpu import splash
-      params = functools.partial(DenseParams, kernel_init=xavier_uniform,
+      params = functools.partial(DenseParams, kernel_init=self.kernel_init,
                                  param_dtype=self.param_dtype)
       w_qkv, _ = params(3 * d, use_bias=False, name="qkv")(d)
       w_proj, b_proj = params(d, name="proj")(d)
@@ -298,11 +357,12 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   layers_impl: str | None = None
+  kernel_init: Callable = xavier_uniform
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    params = functools.partial(DenseParams, kernel_init=xavier_uniform,
+    params = functools.partial(DenseParams, kernel_init=self.kernel_init,
                                param_dtype=self.param_dtype)
     w1, b1 = params(self.hidden_dim, name="fc1")(d)
     w2, b2 = params(d, name="fc2")(self.hidden_dim)
@@ -334,6 +394,7 @@ class Block(nn.Module):
   attention_impl: str | None = None
   attention_remat: bool = False
   layers_impl: str | None = None
+  kernel_init: Callable = xavier_uniform
 
   @nn.compact
   def __call__(self, x: jax.Array, drop_rate: jax.Array | float, deterministic: bool):
@@ -351,10 +412,12 @@ class Block(nn.Module):
 
     y = layer_norm(self.layer_norm_eps, "norm1")(x)
     y = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl,
-                  self.attention_remat, layers_impl=self.layers_impl, name="attn")(y)
+                  self.attention_remat, layers_impl=self.layers_impl,
+                  kernel_init=self.kernel_init, name="attn")(y)
     x = residual(x, y, "gamma_1")
     y = layer_norm(self.layer_norm_eps, "norm2")(x)
-    y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, self.layers_impl, name="mlp")(y)
+    y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, self.layers_impl,
+            kernel_init=self.kernel_init, name="mlp")(y)
     x = residual(x, y, "gamma_2")
     x = with_logical_constraint(x, ("batch", None, None))
     return checkpoint_name(x, "block_out"), None
@@ -413,6 +476,9 @@ class BlockStack(nn.Module):
   remat_policy: str = "nothing_saveable"
   scan: bool = False
   layers_impl: str | None = None
+  # The Linear layers' init: xavier_uniform in pre-training, trunc_normal(0.02) in the
+  # reference's fine-tuning model.
+  kernel_init: Callable = xavier_uniform
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -425,7 +491,8 @@ class BlockStack(nn.Module):
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_norm_eps=self.layer_norm_eps,
               init_values=self.init_values, use_drop_path=self.drop_path_rate > 0,
               dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-              attention_remat=self.attention_remat, layers_impl=self.layers_impl)
+              attention_remat=self.attention_remat, layers_impl=self.layers_impl,
+              kernel_init=self.kernel_init)
     if self.scan:
       stack = nn.scan(block_cls, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True},

@@ -6,6 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from videomae_jax import masking as masking_lib
 from videomae_jax.models import layers
@@ -104,15 +105,17 @@ class _VideoViTFields(nn.Module):
         remat=self.remat, remat_policy=self.remat_policy, scan=self.scan,
         layers_impl=self.layers_impl, parent=None, **kw)
 
-  def _encoder(self, use_final_norm: bool) -> "Encoder":
+  def _encoder(self, use_final_norm: bool,
+               pos_embed_from: tuple[int, int, int] | None = None,
+               kernel_init=layers.xavier_uniform) -> "Encoder":
     blocks = self._blocks(self.depth, self.num_heads, self.embed_dim,
                           init_values=self.init_values, drop_path_rate=self.drop_path_rate,
-                          attention_remat=self.attention_remat == "all")
+                          attention_remat=self.attention_remat == "all", kernel_init=kernel_init)
     return Encoder(patch_size=self.patch_size, tubelet_size=self.tubelet_size,
                    embed_dim=self.embed_dim, blocks=blocks, layer_norm_eps=self.layer_norm_eps,
                    use_final_norm=use_final_norm, dtype=jnp.dtype(self.dtype),
                    param_dtype=jnp.dtype(self.param_dtype), layers_impl=self.layers_impl,
-                   name="encoder")
+                   pos_embed_from=pos_embed_from, name="encoder")
 
 
 class Encoder(nn.Module):
@@ -127,6 +130,16 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   layers_impl: str | None = None
+  # Token grid (T', H', W') whose table is interpolated to this one (VideoMAE V2 fine-tuning
+  # at another geometry); None = the table of this grid (the reference, and pre-training).
+  pos_embed_from: tuple[int, int, int] | None = None
+
+  def pos_table(self, grid: tuple[int, int, int]) -> np.ndarray:
+    """The fixed position table (T*H*W, D) added to the tokens of ``grid``."""
+    t, h, w = grid
+    if self.pos_embed_from is None:
+      return layers.sincos_table(t * h * w, self.embed_dim)
+    return layers.interpolated_sincos_table(tuple(self.pos_embed_from), grid, self.embed_dim)
 
   @nn.compact
   def __call__(self, video: jax.Array, visible_idx: jax.Array | None = None, *,
@@ -137,7 +150,7 @@ class Encoder(nn.Module):
     # masked tokens; only the visible ones are ever embedded.
     t, h, w = (video.shape[1] // self.tubelet_size, video.shape[2] // self.patch_size,
                video.shape[3] // self.patch_size)
-    pos = jnp.asarray(layers.sincos_table(t * h * w, self.embed_dim))
+    pos = jnp.asarray(self.pos_table((t, h, w)))
     x = x.astype(jnp.float32) + (pos if visible_idx is None else pos[visible_idx])
     x = layers.with_logical_constraint(x, ("batch", None, None))
     x = self.blocks(x, deterministic)
@@ -236,26 +249,52 @@ class VideoMAEPretrain(_VideoViTFields):
 class VideoMAEClassifier(_VideoViTFields):
   """Fine-tuning model: encoder on all tokens, mean pool, fc_norm, dropout, linear head.
 
-  ``apply({'params': p}, video, train=False)`` returns float32 logits (B, num_classes).
+  ``apply({'params': p}, video, train=False)`` returns float32 logits (B, num_classes);
+  ``apply(..., method=VideoMAEClassifier.encode)`` the pooled features the head sees.
   """
 
   num_classes: int = 400
   fc_drop_rate: float = 0.0
   init_scale: float = 0.001
+  # (T', H', W') token grid of the pre-training position table to interpolate to this model's
+  # grid (VideoMAE V2); None = recompute the sin/cos table for this grid (VideoMAE v1).
+  pos_embed_from: tuple[int, int, int] | None = None
+  # No gradient into the encoder (linear probe): its backward pass is not computed.
+  stop_encoder_grad: bool = False
 
-  @nn.compact
-  def __call__(self, video: jax.Array, *, train: bool = False) -> jax.Array:
+  def setup(self):
     self._check_fields()
-    self._check_video(video)
-    dtype = jnp.dtype(self.dtype)
-    x = self._encoder(use_final_norm=False)(video.astype(dtype), None, deterministic=not train)
-    x = layers.layer_norm(self.layer_norm_eps, "fc_norm")(x.mean(axis=1))
-    x = nn.Dropout(self.fc_drop_rate)(x, deterministic=not train)
+    if self.pos_embed_from is not None and len(tuple(self.pos_embed_from)) != 3:
+      raise ValueError(f"pos_embed_from={self.pos_embed_from!r}: give the (T', H', W') token "
+                       "grid of the source table")
+    pos_from = None if self.pos_embed_from is None else tuple(map(int, self.pos_embed_from))
+    # The reference's fine-tuning init: every Linear trunc_normal(0.02) (timm's, cut at +-2).
+    self.encoder = self._encoder(use_final_norm=False, pos_embed_from=pos_from,
+                                 kernel_init=layers.normal_init(0.02))
+    self.fc_norm = layers.layer_norm(self.layer_norm_eps, "fc_norm")
+    # "Dropout_0", the name of an inline Dropout: a given rng keeps giving the same masks.
+    self.fc_dropout = nn.Dropout(self.fc_drop_rate, name="Dropout_0")
     scale = self.init_scale
 
     def head_init(key, shape, dtype=jnp.float32):
-      return layers.trunc_normal_init(0.02)(key, shape, dtype) * scale
+      return layers.normal_init(0.02)(key, shape, dtype) * scale
 
-    logits = layers.Dense(self.num_classes, kernel_init=head_init, dtype=dtype,
-                          param_dtype=self.param_dtype, impl=self.layers_impl, name="head")(x)
-    return logits.astype(jnp.float32)
+    self.head = layers.Dense(self.num_classes, kernel_init=head_init, dtype=jnp.dtype(self.dtype),
+                             param_dtype=self.param_dtype, impl=self.layers_impl, name="head")
+
+  def encode(self, video: jax.Array, *, train: bool = False, pool: str = "fc_norm") -> jax.Array:
+    """Pooled float32 features (B, embed_dim): ``'mean'`` of the encoder's tokens, or
+    ``'fc_norm'`` of that mean (what the head sees, before dropout)."""
+    if pool not in ("fc_norm", "mean"):
+      raise ValueError(f"pool={pool!r}: use 'fc_norm' or 'mean'")
+    self._check_video(video)
+    x = self.encoder(video.astype(jnp.dtype(self.dtype)), None, deterministic=not train)
+    x = x.mean(axis=1)
+    if self.stop_encoder_grad:
+      x = jax.lax.stop_gradient(x)
+    return x if pool == "mean" else self.fc_norm(x)
+
+  def __call__(self, video: jax.Array, *, train: bool = False) -> jax.Array:
+    x = self.encode(video, train=train, pool="fc_norm")
+    x = self.fc_dropout(x, deterministic=not train)
+    return self.head(x).astype(jnp.float32)

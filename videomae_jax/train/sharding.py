@@ -97,7 +97,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules,
   replicated."""
   params_sh = param_shardings(abstract_state.params, mesh, rules)
   replicated = NamedSharding(mesh, P())
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state.opt_state, params_sh,
-                                 transform_non_params=lambda _: replicated)
+  # Leaves a masked transform keeps no state for (a linear probe's frozen encoder) stay
+  # MaskedNode.
+  def masked(v):
+    return isinstance(v, optax.MaskedNode)
+
+  opt_sh = optax.tree_map_params(tx, lambda v, sh: v if masked(v) else sh,
+                                 abstract_state.opt_state, params_sh,
+                                 transform_non_params=lambda _: replicated, is_leaf=masked)
   everything = jax.tree.map(lambda _: replicated, abstract_state)
   return everything.replace(params=params_sh, opt_state=opt_sh)

@@ -1,0 +1,16 @@
+r"""VideoMAE ViT-S fine-tuning on Something-Something V2, the official recipe; tested with 2 clips x 3 crops.
+
+  python -m launch.finetune --config=configs/finetune_ssv2_vit_s.py --workdir=/ckpt/ssv2_vit_s_ft \
+      --config.init=/ckpt/ssv2_vit_s --config.data.root=/data/ssv2/videos \
+      --config.data.train_list=/data/ssv2/train.csv --config.data.val_list=/data/ssv2/val.csv \
+      --config.num_classes=174
+  python -m launch.evaluate --workdir=/ckpt/ssv2_vit_s_ft
+
+--config.init: the pre-training workdir (configs/pretrain_ssv2_vit_s.py; any other size or an official
+.pth / HF folder works the same way).
+"""
+from videomae_jax.finetune.config import finetune_recipe
+
+
+def get_config():
+  return finetune_recipe("ssv2", "vit_small")

@@ -1,0 +1,1 @@
+"""Fine-tuning: config, init loading, the classifier step, features and evaluation."""
