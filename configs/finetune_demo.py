@@ -33,7 +33,7 @@ def get_config(arg: str = ""):
   classes = os.path.join(data_dir, "classes.json")
   if os.path.exists(classes):
     with open(classes) as f:
-      c.num_classes = len(json.load(f)["classes"])
+      c.num_classes = int(json.load(f)["num_classes"])
 
   c.data.root = f"{data_dir}/videos"
   c.data.train_list = f"{data_dir}/train.txt"
@@ -43,7 +43,7 @@ def get_config(arg: str = ""):
   c.data.max_bad_fraction = 0.5
 
   c.batch_size = 16          # 8 videos x 2 clips
-  c.num_epochs = 3
+  c.num_epochs = 1
   c.optim.base_lr = 1e-3 * 256 / 8   # peak lr 1e-3 at 8 videos per step
   c.optim.min_lr = 1e-6 * 256 / 8
   c.optim.warmup_epochs = 0.5
