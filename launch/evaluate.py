@@ -69,7 +69,8 @@ def evaluate(workdir: str, changes: ml_collections.ConfigDict | None = None,
   from videomae_jax.finetune import config as config_lib
   from videomae_jax.finetune import evaluate as evaluate_lib
   from videomae_jax.finetune import validation
-  from videomae_jax.train import checkpointing, sharding
+  from videomae_jax.finetune import init as init_lib
+  from videomae_jax.train import sharding
 
   config = run_config(workdir, changes)
   model = config_lib.build_model(config)
@@ -87,20 +88,8 @@ def evaluate(workdir: str, changes: ml_collections.ConfigDict | None = None,
   videos_per_batch = config_lib.eval_videos_per_batch(t, jax.device_count())
 
   mesh = sharding.make_mesh(-1, 1)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               *model.example_inputs())["params"])
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  abstract = checkpointing.abstract_with_shardings(abstract,
-                                                   jax.tree.map(lambda _: replicated, abstract))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
-                                    async_save=False, read_only=True)
-  try:
-    step = step if step is not None else ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in {workdir}/checkpoints")
-    params = ckpt.restore_params(step, abstract)
-  finally:
-    ckpt.close()
+  # Only the params are read; their shapes do not depend on the overridable fields.
+  _, params, step = init_lib.load_params(workdir, step)
 
   evaluator = validation.MultiViewEvaluator(
       config.data, model, mesh, records, num_clips=t.num_clips, num_crops=t.num_crops,

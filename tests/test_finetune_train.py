@@ -2,7 +2,6 @@
 launch.evaluate on real videos, SIGKILL and resume, bad inputs."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -79,18 +78,7 @@ def test_finetune_resumes_bit_exactly_after_sigkill_and_evaluates(setup):
   assert "val_top1" not in reference[5]
 
   work = tmp / "killed"
-  proc = subprocess.Popen(finetune_cmd(work, *args), cwd=h.REPO, env=h.env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  try:
-    for line in proc.stdout:
-      if line.startswith("step ") and h.checkpoint_steps(work):
-        break
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
+  h.sigkill_after_first_checkpoint(finetune_cmd(work, *args), work)
   resumed_from = max(h.checkpoint_steps(work))
   assert 4 <= resumed_from < 12
   out = run_finetune(work, *args)

@@ -20,19 +20,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
   assert sorted(reference) == list(range(1, 41))
 
   work = tmp_path / "killed"
-  proc = subprocess.Popen(h.command(work, *overrides, config=cfg), cwd=h.REPO, env=h.env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  try:
-    for line in proc.stdout:
-      if line.startswith("step ") and h.checkpoint_steps(work):
-        break
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL
+  h.sigkill_after_first_checkpoint(h.command(work, *overrides, config=cfg), work)
   resumed_from = max(h.checkpoint_steps(work))
   assert 5 <= resumed_from < 40
 

@@ -71,3 +71,22 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def sigkill_after_first_checkpoint(cmd: list[str], workdir) -> None:
+  """Runs a trainer command and SIGKILLs it at the first progress line after a checkpoint
+  exists (asserting it was still running then)."""
+  import signal
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  try:
+    for line in proc.stdout:
+      if line.startswith("step ") and checkpoint_steps(workdir):
+        break
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL

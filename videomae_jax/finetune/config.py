@@ -14,7 +14,8 @@ import ml_collections
 from videomae_jax.augment import default_aug_config, validate_aug_config
 from videomae_jax.data.config import default_data_config
 from videomae_jax.models import PRESET_NAMES, VideoMAEClassifier, preset
-from videomae_jax.train.config import DEFAULT_SHARDING_RULES, ConfigError
+from videomae_jax.train.config import (DEFAULT_SHARDING_RULES, ConfigError, check_geometry,
+                                       check_mesh)
 
 placeholder = ml_collections.config_dict.placeholder
 
@@ -191,15 +192,7 @@ def validate(config, num_devices: int) -> None:
   if unknown:
     raise ConfigError(f"unknown config.model fields: {sorted(unknown)}")
   m = config.model
-  if m.num_frames % m.tubelet_size:
-    raise ConfigError(f"config.model.num_frames={m.num_frames} is not divisible by "
-                      f"config.model.tubelet_size={m.tubelet_size}")
-  p = fields.get("patch_size", 16)
-  if m.img_size % p:
-    raise ConfigError(f"config.model.img_size={m.img_size} is not divisible by patch_size={p}")
-  if fields["embed_dim"] % fields["num_heads"]:
-    raise ConfigError(f"embed_dim={fields['embed_dim']} is not divisible by "
-                      f"num_heads={fields['num_heads']}")
+  check_geometry(config, fields)
   if m.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype={m.dtype!r}: use bfloat16 or float32")
   if config.data.num_frames != m.num_frames or config.data.input_size != m.img_size:
@@ -217,24 +210,10 @@ def validate(config, num_devices: int) -> None:
     validate_aug_config(config.aug)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  mesh = config.mesh
-  data, fsdp = int(mesh.data), int(mesh.fsdp)
-  if fsdp < 1 or (data != -1 and data < 1):
-    raise ConfigError(f"config.mesh data={data} fsdp={fsdp}: sizes must be >= 1 (data may be "
-                      "-1 = the remaining devices)")
-  if data == -1 and num_devices % fsdp:
-    raise ConfigError(f"config.mesh.fsdp={fsdp} does not divide the {num_devices} devices")
-  if data != -1 and data * fsdp != num_devices:
-    raise ConfigError(f"config.mesh data={data} x fsdp={fsdp} != {num_devices} devices")
-  accum = int(config.optim.accum_steps)
-  if accum < 1:
-    raise ConfigError(f"config.optim.accum_steps={accum} must be >= 1")
+  check_mesh(config, num_devices)
   if config.batch_size % int(config.data.num_sample):
     raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
                       f"config.data.num_sample={config.data.num_sample}")
-  if config.batch_size % (num_devices * accum):
-    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
-                      f"{num_devices} devices x config.optim.accum_steps={accum}")
   mixing = config.aug.mixup > 0 or config.aug.cutmix > 0
   if mixing and (config.batch_size // num_devices) % 2:
     raise ConfigError(f"mixup/cutmix pair each clip with another on its device: "

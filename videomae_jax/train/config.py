@@ -107,13 +107,9 @@ def build_model(config) -> VideoMAEPretrain:
   return VideoMAEPretrain(**model_fields(config))
 
 
-def validate(config, num_devices: int) -> None:
-  """Checks everything that can be checked before compiling; raises ConfigError naming the flag."""
+def check_geometry(config, fields: dict[str, Any]) -> None:
+  """Frames, image size and width agree with the tubelet, the patch and the heads."""
   m = config.model
-  fields = model_fields(config)
-  unknown = set(fields) - set(VideoMAEPretrain.__dataclass_fields__) - {"parent", "name"}
-  if unknown:
-    raise ConfigError(f"unknown config.model fields: {sorted(unknown)}")
   if m.num_frames % m.tubelet_size:
     raise ConfigError(f"config.model.num_frames={m.num_frames} is not divisible by "
                       f"config.model.tubelet_size={m.tubelet_size}")
@@ -123,6 +119,36 @@ def validate(config, num_devices: int) -> None:
   if fields["embed_dim"] % fields["num_heads"]:
     raise ConfigError(f"embed_dim={fields['embed_dim']} is not divisible by "
                       f"num_heads={fields['num_heads']}")
+
+
+def check_mesh(config, num_devices: int) -> None:
+  """The mesh fits the devices; the batch splits over them and the accumulation steps."""
+  mesh = config.mesh
+  data, fsdp = int(mesh.data), int(mesh.fsdp)
+  if fsdp < 1 or (data != -1 and data < 1):
+    raise ConfigError(f"config.mesh data={data} fsdp={fsdp}: sizes must be >= 1 (data may be "
+                      "-1 = the remaining devices)")
+  if data == -1:
+    if num_devices % fsdp:
+      raise ConfigError(f"config.mesh.fsdp={fsdp} does not divide the {num_devices} devices")
+  elif data * fsdp != num_devices:
+    raise ConfigError(f"config.mesh data={data} x fsdp={fsdp} != {num_devices} devices")
+  accum = int(config.optim.accum_steps)
+  if accum < 1:
+    raise ConfigError(f"config.optim.accum_steps={accum} must be >= 1")
+  if config.batch_size % (num_devices * accum):
+    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
+                      f"{num_devices} devices x config.optim.accum_steps={accum}")
+
+
+def validate(config, num_devices: int) -> None:
+  """Checks everything that can be checked before compiling; raises ConfigError naming the flag."""
+  m = config.model
+  fields = model_fields(config)
+  unknown = set(fields) - set(VideoMAEPretrain.__dataclass_fields__) - {"parent", "name"}
+  if unknown:
+    raise ConfigError(f"unknown config.model fields: {sorted(unknown)}")
+  check_geometry(config, fields)
   if fields["decoder_embed_dim"] % fields["decoder_num_heads"]:
     raise ConfigError(f"decoder_embed_dim={fields['decoder_embed_dim']} is not divisible by "
                       f"decoder_num_heads={fields['decoder_num_heads']}")
@@ -144,26 +170,11 @@ def validate(config, num_devices: int) -> None:
     raise ConfigError(f"config.mask.decoder_type={config.mask.decoder_type!r}: use 'none' or "
                       "'run_cell'")
   if config.mask.decoder_type == "run_cell":
-    grid_h = m.img_size // p
+    grid_h = m.img_size // fields.get("patch_size", 16)
     if grid_h % 2:
       raise ConfigError(f"config.mask.decoder_type='run_cell' needs an even token grid, got "
                         f"{grid_h}x{grid_h}")
-  mesh = config.mesh
-  data, fsdp = int(mesh.data), int(mesh.fsdp)
-  if fsdp < 1 or (data != -1 and data < 1):
-    raise ConfigError(f"config.mesh data={data} fsdp={fsdp}: sizes must be >= 1 (data may be "
-                      "-1 = the remaining devices)")
-  if data == -1:
-    if num_devices % fsdp:
-      raise ConfigError(f"config.mesh.fsdp={fsdp} does not divide the {num_devices} devices")
-  elif data * fsdp != num_devices:
-    raise ConfigError(f"config.mesh data={data} x fsdp={fsdp} != {num_devices} devices")
-  accum = int(config.optim.accum_steps)
-  if accum < 1:
-    raise ConfigError(f"config.optim.accum_steps={accum} must be >= 1")
-  if config.batch_size % (num_devices * accum):
-    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
-                      f"{num_devices} devices x config.optim.accum_steps={accum}")
+  check_mesh(config, num_devices)
   if config.batch_size % int(config.data.num_sample):
     raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
                       f"config.data.num_sample={config.data.num_sample}")
