@@ -14,6 +14,7 @@ import ml_collections
 from videomae_jax.augment import default_aug_config, validate_aug_config
 from videomae_jax.data.config import default_data_config
 from videomae_jax.models import PRESET_NAMES, VideoMAEClassifier, preset
+from videomae_jax.train import config as train_config
 from videomae_jax.train.config import (DEFAULT_SHARDING_RULES, ConfigError, check_geometry,
                                        check_mesh)
 
@@ -140,12 +141,8 @@ def finetune_recipe(dataset: str, model_name: str) -> ml_collections.ConfigDict:
   return c
 
 
-def resolve(config) -> ml_collections.ConfigDict:
-  """A copy with references resolved and ``data.seed`` (None) set to ``config.seed``."""
-  c = config.copy_and_resolve_references()
-  if c.data.get("seed") is None:
-    c.data.seed = int(c.seed)
-  return c
+# The same derived defaults as pre-training (data.seed from seed).
+resolve = train_config.resolve
 
 
 def model_fields(config) -> dict[str, Any]:
