@@ -86,11 +86,10 @@ def _run(args: Sequence[str], log_path: str) -> float:
 
 def label_subset(train_list: str, fraction: float, out_path: str, seed: int = 0) -> int:
   """Writes a class-stratified `fraction` of `train_list` (at least one clip per class)."""
-  with open(train_list, encoding='utf-8') as f:
-    lines = [l for l in f.read().splitlines() if l.strip()]
+  from videomae_jax.data.sources import load_annotation_list  # pylint: disable=g-import-not-at-top
   by_class: dict[int, list[str]] = {}
-  for line in lines:
-    by_class.setdefault(int(line.rsplit(maxsplit=1)[1]), []).append(line)
+  for r in load_annotation_list(train_list):
+    by_class.setdefault(r.label, []).append(f'{r.path} {r.label}')
   rng = np.random.default_rng(seed)
   keep = []
   for label in sorted(by_class):
