@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import gzip
 import os
 import shutil
@@ -149,3 +150,18 @@ def make_corpus(d: str) -> dict[str, str]:
   open(out['empty_mp4'], 'wb').close()
   out['missing_mp4'] = j('does_not_exist.mp4')
   return out
+
+
+def data_config(**kw):
+  """A small data config for the reader tests: 8 frames at stride 4, 64 px, two map calls."""
+  from videomae_jax import data  # pylint: disable=g-import-not-at-top
+  c = data.default_data_config()
+  c.update(input_size=64, num_frames=8, sampling_rate=4, num_parallel_calls=2, prefetch=1)
+  c.update(kw)
+  return c
+
+
+def take(ds, n: int) -> list:
+  """The first `n` batches of a pipeline, closing it afterwards."""
+  with ds:
+    return list(itertools.islice(iter(ds), n))

@@ -26,8 +26,8 @@ def test_resumed_run_draws_the_same_clip_masked_as_the_run_masks(tmp_path):
   assert "resumed from step 2" in out.stderr
   before = np.asarray(Image.open(work / "images" / "reconstruction_00000002.png"))
   after = np.asarray(Image.open(work / "images" / "reconstruction_00000004.png"))
-  assert before.shape == after.shape == (3 * S, T * S, 3)
-  original, masked_in, rec = before[:S], before[S:2 * S], before[2 * S:]
+  assert before.shape == after.shape == (4 * S, T * S, 3)  # norm-pix: two reconstruction rows
+  original, masked_in, rec, own = before[:S], before[S:2 * S], before[2 * S:3 * S], before[3 * S:]
   # The same clip after the resume: global example 0 of the stream, not the resumed batch.
   np.testing.assert_array_equal(after[:S], original)
   first = SyntheticVideos(global_batch_size=8, num_frames=T, size=S, seed=0).batch(0)
@@ -41,3 +41,4 @@ def test_resumed_run_draws_the_same_clip_masked_as_the_run_masks(tmp_path):
   rec_grey = _tokens_grey(rec)
   assert not (rec_grey & ~grey).any()
   assert 0 < rec_grey[0::2].sum() < 24
+  np.testing.assert_array_equal(_tokens_grey(own), rec_grey)

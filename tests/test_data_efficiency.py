@@ -39,6 +39,8 @@ def test_tiny_experiment_runs_every_phase_and_reports(tmp_path):
     cfg = json.load(open(os.path.join(out, name, "config.json")))
     assert cfg["init"] == ("" if name.startswith("scratch") else os.path.join(out, "pretrain"))
     assert cfg["aug"]["flip"] is False  # a flip swaps pan_left and pan_right
+    assert (cfg["model"]["num_frames"], cfg["data"]["sampling_rate"]) == (
+        scale.num_frames, scale.sampling_rate)
   assert res["gaps"]["1"] == pytest.approx(res["runs"]["pretrained_1"]["top1"]
                                            - res["runs"]["scratch_1"]["top1"])
   assert res["pretrain_final_loss"] is not None

@@ -1,5 +1,4 @@
 """build_pretrain_dataset end to end: shapes, exact frames, resume, sharding, bad data."""
-import itertools
 import os
 import shutil
 import sys
@@ -30,20 +29,10 @@ def write_list(path, paths, labels=None):
 
 
 def config(**kw):
-  c = data.default_data_config()
-  c.input_size = 64
-  c.num_frames = 8
-  c.sampling_rate = 4
-  c.decode_timeout_s = 30.0
-  c.num_parallel_calls = 2
-  c.prefetch = 1
-  c.update(kw)
-  return c
+  return dv.data_config(**{'decode_timeout_s': 30.0, **kw})
 
 
-def take(ds, n):
-  with ds:
-    return list(itertools.islice(iter(ds), n))
+take = dv.take
 
 
 def test_real_videos_shapes_dtypes_ranges(tmp_path):

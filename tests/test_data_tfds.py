@@ -1,5 +1,4 @@
 """The TFDS source on a tiny dataset built offline from local videos."""
-import itertools
 import os
 
 import numpy as np
@@ -69,16 +68,11 @@ def corrupt_dir(tmp_path_factory, video_folder):
 
 
 def config(data_dir, **kw):
-  c = data.default_data_config()
-  c.update(tfds_name='local_videos', tfds_data_dir=data_dir, input_size=64, num_frames=8,
-           shuffle_buffer=8, num_parallel_calls=2, prefetch=1, seed=5)
-  c.update(kw)
-  return c
+  return dv.data_config(**{'tfds_name': 'local_videos', 'tfds_data_dir': data_dir,
+                           'shuffle_buffer': 8, 'seed': 5, **kw})
 
 
-def take(ds, n):
-  with ds:
-    return list(itertools.islice(iter(ds), n))
+take = dv.take
 
 
 def test_tfds_clips_exact_frames(tfds_dir):

