@@ -77,8 +77,9 @@ def reconstruction_grid(video_u8: np.ndarray, pred: np.ndarray, mask, norm_pix: 
   pred_tokens = np.zeros_like(tokens)
   pred_tokens[predicted] = pred.reshape(-1, tubelet * patch * patch, 3)
   shown = masked & predicted
-  rec = tokens.copy()
-  rec[masked] = 0.5
+  masked_in = tokens.copy()
+  masked_in[masked] = 0.5
+  rec = masked_in.copy()
   rec[shown] = pred_tokens[shown]
   if norm_pix:
     # Per temporal slot: the visible tubelets' mean channel mean and std.
@@ -91,14 +92,12 @@ def reconstruction_grid(video_u8: np.ndarray, pred: np.ndarray, mask, norm_pix: 
       std = v.std(axis=1, ddof=1).mean(axis=0)
       sel = (slot == s) & shown
       rec[sel] = rec[sel] * (std + 1e-6) + mean
-  masked_in = tokens.copy()
-  masked_in[masked] = 0.5
   rows = [x, _unpatchify(masked_in, grid, tubelet, patch), _unpatchify(rec, grid, tubelet, patch)]
   if norm_pix:
-    own = tokens.copy()
-    own[masked] = 0.5
-    std = tokens[shown].std(axis=1, ddof=1, keepdims=True)
-    own[shown] = pred_tokens[shown] * (std + 1e-6) + tokens[shown].mean(axis=1, keepdims=True)
+    own = masked_in.copy()
+    target = tokens[shown]
+    own[shown] = (pred_tokens[shown] * (target.std(axis=1, ddof=1, keepdims=True) + 1e-6)
+                  + target.mean(axis=1, keepdims=True))
     rows.append(_unpatchify(own, grid, tubelet, patch))
   step = max(1, x.shape[0] // max_frames)
   img = np.concatenate([np.concatenate(list(r[::step][:max_frames]), axis=1) for r in rows], axis=0)
