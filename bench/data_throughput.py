@@ -298,7 +298,8 @@ def main() -> None:
   ap.add_argument('--store_short_side', type=int, default=256)
   ap.add_argument('--mp4_short_side', type=int, default=320)
   ap.add_argument('--mfu', type=float, default=0.45, help='for the feed table')
-  ap.add_argument('--skip', default='', help='comma-separated loaders to leave out')
+  ap.add_argument('--skip', default='', help='comma-separated loaders to leave out: '
+                  'official, mp4, mp4_decord, store')
   ap.add_argument('--workdir', default='', help='keep the prepared files here (reused)')
   ap.add_argument('--skip_per_video', action='store_true', help='no per-video table')
   args = ap.parse_args()
@@ -364,6 +365,11 @@ def main() -> None:
     c = data.default_data_config()
     c.train_list = os.path.join(work, 'mp4_list.txt')
     pipes.append((f'mp4 path, mp4@{args.mp4_short_side}', c))
+  if 'mp4_decord' not in skip:
+    c = data.default_data_config()
+    c.train_list = os.path.join(work, 'mp4_list.txt')
+    c.reader = 'decord'
+    pipes.append((f'mp4 path with decord, mp4@{args.mp4_short_side}', c))
   if 'store' not in skip:
     c = data.default_data_config()
     c.frame_store = store

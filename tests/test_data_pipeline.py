@@ -304,6 +304,11 @@ class _SlowFrames:
             tick()
             yield f
 
+        def demux(self, *a, **kw):  # The seeking reader reads packets, then decodes them.
+          for p in self._c.demux(*a, **kw):
+            tick()
+            yield p
+
       monkeypatch.setattr(av, 'open', lambda *a, **kw: Container(real_open(*a, **kw)))
 
 

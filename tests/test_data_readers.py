@@ -133,3 +133,43 @@ def test_probe_uses_the_reader_and_missing_pyav_is_a_decode_error(corpus, monkey
   for short_side in (0, 60):
     with pytest.raises(readers.DecodeError, match=r"long2.mp4: .*'av'.*videomae-jax\[data\]"):
       readers.open_video(path, 'pyav', decode_short_side=short_side)
+
+
+@pytest.fixture(scope='module')
+def bframe_mp4(tmp_path_factory):
+  """h264 with 3 B-frames and a keyframe every 30 frames, each frame coding its index."""
+  return dv.write_video(str(tmp_path_factory.mktemp('bf') / 'bframes.mp4'), 150, motion=True,
+                        b_frames=3, gop=30)
+
+
+def test_pyav_seeks_skips_and_matches_the_sequential_decode_and_decord(bframe_mp4):
+  import decord
+  truth = readers.read_all_frames_exact(bframe_mp4)
+  v = readers.open_video(bframe_mp4, 'auto')
+  assert isinstance(v, readers.PyAVVideo) and v.num_frames == len(truth) == 150
+  vr = decord.VideoReader(bframe_mp4, num_threads=1)
+  rng = np.random.default_rng(0)
+  # Clips at stride 4 anywhere, one late frame, then an earlier read on the same reader.
+  sets = [np.arange(s, s + 64, 4) for s in rng.integers(0, 150 - 64, 4)]
+  sets += [np.array([149]), np.array([100, 3, 3, 61]), np.array([0])]
+  for idx in sets:
+    frames = v.get_frames(idx)
+    np.testing.assert_array_equal(frames, truth[idx])
+    np.testing.assert_array_equal(frames, vr.get_batch(list(idx)).asnumpy())
+    assert [dv.decode_index(f) for f in frames] == idx.tolist()
+  # Frame 149 alone: decoding starts at the keyframe 120, and B-frames no frame
+  # references are skipped, so fewer than the 30 frames 120..149 come out.
+  v.get_frames(np.array([149]))
+  assert 0 < v.decoded_frames < 30, v.decoded_frames
+  v.close()
+
+
+def test_pyav_reduced_size_frames_equal_to_ndarray(bframe_mp4):
+  v = readers.open_video(bframe_mp4, 'pyav')
+  v._size = (64, 48)  # pylint: disable=protected-access
+  import av
+  with av.open(bframe_mp4) as c:
+    ref = [f.to_ndarray(format='rgb24', width=64, height=48) for f in c.decode(video=0)]
+  idx = np.array([5, 77, 140])
+  np.testing.assert_array_equal(v.get_frames(idx), np.stack([ref[i] for i in idx]))
+  v.close()

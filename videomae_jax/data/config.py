@@ -46,7 +46,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # ceil(input_size / min(scales)), so even the smallest crop is not upsampled).
   c.decode_short_side = 0
   # Decoding and robustness.
-  c.reader = 'auto'        # 'auto' | 'decord' | 'pyav' | 'opencv' (auto: decord on safe containers).
+  c.reader = 'auto'        # 'auto' | 'decord' | 'pyav' | 'opencv' (auto: pyav on safe containers).
   c.decode_timeout_s = 60.0
   c.max_bad_fraction = 0.05
   c.max_replacements = 16  # Replacement tries for one example before giving up.
