@@ -8,7 +8,7 @@ once (in a temporary folder) as Kinetics is stored: h264 at short side 320 with 
 clip. Each evaluation is `videomae_jax.finetune.validation.MultiViewEvaluator`, the code
 `launch.evaluate` runs: every video decoded once (the union of its views' frames), its views
 cut from that decode, softmax per view and the mean, with the demo-size classifier of
-`configs/finetune_demo.py` (test short side 112). 1x1 decodes only its middle clip's frames.
+`configs/finetune_demo.py` (test short side 64). 1x1 decodes only its middle clip's frames.
 Rounds alternate 1x1 and 5x3 so drift on a shared machine hits both alike; the first pass of
 each compiles and is not timed. Also times the official loader's way for 5x3 (each view
 decodes every `sampling_rate`-th frame of the whole video again), decode only.
