@@ -173,3 +173,14 @@ def test_pyav_reduced_size_frames_equal_to_ndarray(bframe_mp4):
   idx = np.array([5, 77, 140])
   np.testing.assert_array_equal(v.get_frames(idx), np.stack([ref[i] for i in idx]))
   v.close()
+
+
+def test_pyav_sequential_reads_restart_from_the_first_frame(corpus):
+  # AVI: no timestamp index, so each read decodes from the start; a second read on the same
+  # reader must count frames from 0 again, not from where the first read stopped.
+  path = corpus['bframes_avi']
+  truth = readers.read_all_frames_exact(path)
+  v = readers.open_video(path, 'pyav')
+  for idx in (np.array([90, 100]), np.array([5, 40]), np.array([100])):
+    np.testing.assert_array_equal(v.get_frames(idx), truth[idx])
+  v.close()
