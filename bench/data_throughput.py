@@ -361,15 +361,13 @@ def main() -> None:
     official(len(mp4s))  # Warm up file cache and imports.
     loaders[f'official-style, mp4@{args.mp4_short_side}'] = official
   pipes = []
-  if 'mp4' not in skip:
-    c = data.default_data_config()
-    c.train_list = os.path.join(work, 'mp4_list.txt')
-    pipes.append((f'mp4 path, mp4@{args.mp4_short_side}', c))
-  if 'mp4_decord' not in skip:
-    c = data.default_data_config()
-    c.train_list = os.path.join(work, 'mp4_list.txt')
-    c.reader = 'decord'
-    pipes.append((f'mp4 path with decord, mp4@{args.mp4_short_side}', c))
+  for key, reader, label in (('mp4', 'auto', 'mp4 path'),
+                             ('mp4_decord', 'decord', 'mp4 path with decord')):
+    if key not in skip:
+      c = data.default_data_config()
+      c.train_list = os.path.join(work, 'mp4_list.txt')
+      c.reader = reader
+      pipes.append((f'{label}, mp4@{args.mp4_short_side}', c))
   if 'store' not in skip:
     c = data.default_data_config()
     c.frame_store = store

@@ -307,7 +307,10 @@ class PyAVVideo:
           self._keys = sorted((rank[t], t) for t in keys)
     except av.error.FFmpegError:
       pass  # A damaged stream: the sequential decode reports what is wrong.
-    self._open(av)  # Back to the start, whatever the demuxing reached.
+    if self._rank is None:
+      # The sequential decode starts where the container is: back to the start. (Indexed
+      # reads seek before decoding, so they need no second open.)
+      self._open(av)
 
   def _rgb(self, frame) -> np.ndarray:
     kw = {'width': self._size[0], 'height': self._size[1]} if self._size else {}
