@@ -356,6 +356,25 @@ def test_transient_stall_is_retried_and_not_blacklisted(corpus, tmp_path, monkey
   assert s['replacements'] == 0 and len(calls) == 2
 
 
+def test_decode_threads_are_reused(corpus, tmp_path, monkeypatch):
+  """Timed decodes run on a long-lived worker, not a new thread per clip."""
+  c = config(train_list=write_list(tmp_path / 'l.txt', [corpus['long_mp4']]),
+             decode_timeout_s=30.0)
+  real_open = readers.open_video
+  threads = []
+
+  def record(*a, **kw):
+    threads.append(threading.current_thread())
+    return real_open(*a, **kw)
+
+  monkeypatch.setattr(readers, 'open_video', record)
+  decoder = clips_lib.ClipDecoder(data.load_annotation_list(c.train_list), c)
+  for g in range(4):
+    decoder.load_example(g)
+  assert len(threads) == 4 and all(t is threads[0] for t in threads), threads
+  assert threads[0].name == 'video-decode-idle' and threads[0].is_alive()
+
+
 def test_abandoned_decodes_are_capped(corpus, tmp_path, monkeypatch):
   _SlowFrames(monkeypatch, 'decord', per_frame_s=1.0)
   paths = [corpus['long_mp4'], corpus['long2_mp4']]
