@@ -160,24 +160,29 @@ def frame_box(box: CropBox, stored_size: tuple[int, int],
 AREA_SHRINK_FACTOR = 1.5
 
 
+def _interpolation(h: int, w: int, input_size: int) -> int:
+  """Area interpolation when shrinking by `AREA_SHRINK_FACTOR` or more (close to PIL's
+  antialiased bilinear of the reference), bilinear otherwise."""
+  return cv2.INTER_AREA if min(w, h) >= AREA_SHRINK_FACTOR * input_size else cv2.INTER_LINEAR
+
+
+def resize_into(crop: np.ndarray, dst: np.ndarray, flip: bool = False) -> None:
+  """One (h, w, 3) crop resized into `dst` (S, S, 3), optionally flipped (in place)."""
+  _single_threaded_cv2()
+  size = dst.shape[0]
+  cv2.resize(crop, (size, size), dst=dst, interpolation=_interpolation(*crop.shape[:2], size))
+  if flip:
+    cv2.flip(dst, 1, dst=dst)
+
+
 def resize_crops(crops: Sequence[np.ndarray] | np.ndarray, input_size: int,
                  flip: bool = False, out: np.ndarray | None = None) -> np.ndarray:
   """The T (h, w, 3) crops of one clip (an array or a list of views) to (T, input_size,
-  input_size, 3), optionally flipped, written into `out` when given.
-
-  Shrinking by `AREA_SHRINK_FACTOR` or more uses area interpolation (close to PIL's
-  antialiased bilinear of the reference), anything else bilinear.
-  """
-  _single_threaded_cv2()
-  h, w = crops[0].shape[:2]
-  area = min(w, h) >= AREA_SHRINK_FACTOR * input_size
-  interp = cv2.INTER_AREA if area else cv2.INTER_LINEAR
+  input_size, 3), optionally flipped, written into `out` when given (`resize_into` each)."""
   if out is None:
     out = np.empty((len(crops), input_size, input_size, 3), np.uint8)
   for t in range(len(crops)):
-    cv2.resize(crops[t], (input_size, input_size), dst=out[t], interpolation=interp)
-  if flip:
-    out[...] = out[:, :, ::-1]  # numpy buffers overlapping copies.
+    resize_into(crops[t], out[t], flip)
   return out
 
 

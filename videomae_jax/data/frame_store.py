@@ -107,8 +107,8 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
 # DCT scaling: libjpeg decodes at 1/2, 1/4 or 1/8 size for little more than the entropy
 # decoding, so a crop that covers at least `ratio` x the output side is decoded reduced.
-_REDUCED = {2: 'IMREAD_REDUCED_COLOR_2', 4: 'IMREAD_REDUCED_COLOR_4',
-            8: 'IMREAD_REDUCED_COLOR_8'}
+_IMREAD_FLAGS = {1: 'IMREAD_COLOR_RGB', 2: 'IMREAD_REDUCED_GRAYSCALE_2',
+                 4: 'IMREAD_REDUCED_GRAYSCALE_4', 8: 'IMREAD_REDUCED_GRAYSCALE_8'}
 
 
 def dct_ratio(min_crop_side: float, input_size: int) -> int:
@@ -125,46 +125,6 @@ def _check_complete(data: bytes, name: str) -> None:
     raise StoreError(f'{name}: not a complete JPEG ({len(data)} bytes)')
 
 
-_window_decoders: dict = {}
-_window_lock = threading.Lock()
-
-
-def _window_decoder(ratio: int):
-  """A tf.function decoding one window of a list of JPEGs at 1/`ratio` size (one traced
-  graph per ratio; one call per clip instead of 16 eager ops)."""
-  fn = _window_decoders.get(ratio)
-  if fn is None:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    with _window_lock:
-      fn = _window_decoders.get(ratio)
-      if fn is None:
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
-                                      tf.TensorSpec([4], tf.int32)])
-        def fn(jpegs, window):
-          return tf.map_fn(
-              lambda j: tf.io.decode_and_crop_jpeg(j, window, channels=3, ratio=ratio), jpegs,
-              fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
-              parallel_iterations=1)
-        _window_decoders[ratio] = fn
-  return fn
-
-
-def decode_windows(jpegs: Sequence[bytes], window: tuple[int, int, int, int], ratio: int,
-                   name: str) -> np.ndarray:
-  """(N, y1 - y0, x1 - x0, 3) RGB: `window` (x0, y0, x1, y1, in pixels of the 1/`ratio`
-  scaled frames) of each JPEG, decoded with `tf.io.decode_and_crop_jpeg`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  x0, y0, x1, y1 = window
-  try:
-    out = _window_decoder(ratio)(tf.constant(list(jpegs)),
-                                 tf.constant([y0, x0, y1 - y0, x1 - x0], tf.int32)).numpy()
-  except tf.errors.OpError as e:
-    raise StoreError(f'{name}: JPEG does not decode: {e.message.splitlines()[-1]}') from None
-  if out.shape[1:3] != (y1 - y0, x1 - x0):
-    raise StoreError(f'{name}: decoded window {out.shape[1:3]}, expected {(y1 - y0, x1 - x0)}')
-  return out
-
-
 def decode_jpeg(data: bytes, frame_size: tuple[int, int], ratio: int = 1,
                 name: str = 'frame') -> np.ndarray:
   """RGB uint8 (h, w, 3) of one whole stored frame (OpenCV), at 1/`ratio` size.
@@ -174,13 +134,10 @@ def decode_jpeg(data: bytes, frame_size: tuple[int, int], ratio: int = 1,
   """
   cv2 = _cv2()
   _check_complete(data, name)
-  buf = np.frombuffer(data, np.uint8)
-  if ratio == 1:
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
-  else:
-    img = cv2.imdecode(buf, getattr(cv2, _REDUCED[ratio]))
-    if img is not None:
-      img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+  flags = getattr(cv2, _IMREAD_FLAGS[ratio])
+  if ratio > 1:
+    flags |= cv2.IMREAD_COLOR_RGB  # Reduced size, three channels, RGB order.
+  img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
   w, h = frame_size
   want = (math.ceil(h / ratio), math.ceil(w / ratio))
   if img is None or img.shape[:2] != want:
@@ -391,28 +348,29 @@ class StoreVideo:
     """(len(crops), T, input_size, input_size, 3): each (box, flip) of `crops` applied to the
     frames at `indices`.
 
-    Each distinct frame is decoded once, and only inside the window that holds every crop
-    (`tf.io.decode_and_crop_jpeg`: no IDCT or colour conversion outside it, nothing below
-    it), DCT-scaled by 2, 4 or 8 when every crop still covers the output at that scale.
+    Each distinct frame is decoded once (OpenCV, DCT-scaled by 2, 4 or 8 when every crop
+    still covers the output at that scale) and resized into every clip position that shows
+    it while it is still in cache; decoding all frames first and resizing after costs more.
     """
     fw, fh = self.entry.frame_size
     full = [augment.frame_box(b, self.stored_size, (fw, fh)) for b, _ in crops]
     ratio = dct_ratio(min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in full), input_size)
     size = (math.ceil(fw / ratio), math.ceil(fh / ratio))
     boxes = [augment.frame_box(b, self.stored_size, size) for b, _ in crops]
-    wx0, wy0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
-    wx1, wy1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
     uniq = sorted({int(i) for i in indices})
     data = self._read(uniq)
-    for i, d in zip(uniq, data):
-      _check_complete(d, f'{self.path} frame {i}')
-    window = decode_windows(data, (wx0, wy0, wx1, wy1), ratio, self.path)
-    readers.checkpoint(self.path)
-    pos = {i: k for k, i in enumerate(uniq)}
+    positions: dict[int, list[int]] = {}
+    for t, i in enumerate(indices):
+      positions.setdefault(int(i), []).append(t)
     out = np.empty((len(crops), len(indices), input_size, input_size, 3), np.uint8)
-    for k, ((x0, y0, x1, y1), (_, flip)) in enumerate(zip(boxes, crops)):
-      views = [window[pos[int(i)], y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0] for i in indices]
-      augment.resize_crops(views, input_size, flip, out=out[k])
+    for i, d in zip(uniq, data):
+      readers.checkpoint(self.path)  # An abandoned decode stops at the next frame.
+      img = decode_jpeg(d, (fw, fh), ratio, f'{self.path} frame {i}')
+      first, *repeats = positions[i]
+      for k, ((x0, y0, x1, y1), (_, flip)) in enumerate(zip(boxes, crops)):
+        augment.resize_into(img[y0:y1, x0:x1], out[k, first], flip)
+        for t in repeats:
+          out[k, t] = out[k, first]
     return out
 
   def close(self) -> None:
