@@ -356,6 +356,16 @@ def test_transient_stall_is_retried_and_not_blacklisted(corpus, tmp_path, monkey
   assert s['replacements'] == 0 and len(calls) == 2
 
 
+def test_clips_are_64_byte_aligned(corpus, tmp_path):
+  """tf.data takes a numpy_function's output without a copy only when it is 64-byte aligned."""
+  c = config(train_list=write_list(tmp_path / 'l.txt', [corpus['long_mp4']]), num_sample=2)
+  decoder = clips_lib.ClipDecoder(data.load_annotation_list(c.train_list), c)
+  for g in range(3):
+    video = decoder.load_example(g)['video']
+    assert video.ctypes.data % 64 == 0 and video.flags.c_contiguous
+    assert video.shape == (2, c.num_frames, c.input_size, c.input_size, 3)
+
+
 def test_decode_threads_are_reused(corpus, tmp_path, monkeypatch):
   """Timed decodes run on a long-lived worker, not a new thread per clip."""
   c = config(train_list=write_list(tmp_path / 'l.txt', [corpus['long_mp4']]),

@@ -160,6 +160,19 @@ def frame_box(box: CropBox, stored_size: tuple[int, int],
 AREA_SHRINK_FACTOR = 1.5
 
 
+# TensorFlow takes a numpy_function's output without a copy only when its buffer is aligned
+# to 64 bytes; numpy's large allocations are 16 bytes off (0.13 ms per 16x224 clip).
+_ALIGN = 64
+
+
+def aligned_empty(shape: Sequence[int]) -> np.ndarray:
+  """An uninitialised uint8 array of `shape` whose buffer starts on a 64-byte boundary."""
+  n = int(np.prod(shape))
+  buf = np.empty(n + _ALIGN, np.uint8)
+  off = (-buf.ctypes.data) % _ALIGN
+  return buf[off:off + n].reshape(shape)
+
+
 def _interpolation(h: int, w: int, input_size: int) -> int:
   """Area interpolation when shrinking by `AREA_SHRINK_FACTOR` or more (close to PIL's
   antialiased bilinear of the reference), bilinear otherwise."""
@@ -180,22 +193,23 @@ def resize_crops(crops: Sequence[np.ndarray] | np.ndarray, input_size: int,
   """The T (h, w, 3) crops of one clip (an array or a list of views) to (T, input_size,
   input_size, 3), optionally flipped, written into `out` when given (`resize_into` each)."""
   if out is None:
-    out = np.empty((len(crops), input_size, input_size, 3), np.uint8)
+    out = aligned_empty((len(crops), input_size, input_size, 3))
   for t in range(len(crops)):
     resize_into(crops[t], out[t], flip)
   return out
 
 
 def crop_resize(frames: np.ndarray, box: CropBox, stored_size: tuple[int, int],
-                input_size: int, flip: bool = False) -> np.ndarray:
+                input_size: int, flip: bool = False, out: np.ndarray | None = None
+                ) -> np.ndarray:
   """Applies one crop (given in stored-video pixels) to every frame of a clip.
 
   `frames` (T, h, w, 3) uint8 may be decoded at a reduced resolution; the box is
   scaled to it (`frame_box`), so the crop covers the same part of the scene as on the
-  stored video; then `resize_crops`.
+  stored video; then `resize_crops` (into `out` when given).
   """
   x0, y0, x1, y1 = frame_box(box, stored_size, (frames.shape[2], frames.shape[1]))
-  return resize_crops(frames[:, y0:y1, x0:x1], input_size, flip)
+  return resize_crops(frames[:, y0:y1, x0:x1], input_size, flip, out)
 
 
 def decode_size(stored_w: int, stored_h: int, short_side: int) -> tuple[int, int] | None:

@@ -46,11 +46,11 @@ def make_clips(video: readers.VideoFile, rng: np.random.Generator, data_config,
   if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3:
     raise readers.DecodeError(f'{video.path}: decoder returned frames of shape {frames.shape}')
   stored = video.stored_size or (frames.shape[2], frames.shape[1])
-  out = []
-  for _ in range(c.num_sample):
+  out = augment.aligned_empty((c.num_sample, len(idx), c.input_size, c.input_size, 3))
+  for k in range(c.num_sample):
     box, flip = _sample_crop(stored, c, rng)
-    out.append(augment.crop_resize(frames, box, stored, c.input_size, flip))
-  return np.stack(out)
+    augment.crop_resize(frames, box, stored, c.input_size, flip, out=out[k])
+  return out
 
 
 def _sample_crop(stored_size: tuple[int, int], c, rng: np.random.Generator

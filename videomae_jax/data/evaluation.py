@@ -104,7 +104,7 @@ def render_views(video: readers.VideoFile, spec: ViewSpec,
   offsets = augment.long_side_crop_offsets(size[0], size[1], spec.short_side, spec.num_crops)
   pos = np.searchsorted(uniq, idx)
   s = spec.short_side
-  out = np.empty((spec.num_views, spec.num_frames, s, s, 3), np.uint8)
+  out = augment.aligned_empty((spec.num_views, spec.num_frames, s, s, 3))
   for c in range(spec.num_clips):
     for k, (x, y) in enumerate(offsets):
       out[c * spec.num_crops + k] = frames[pos[c], y:y + s, x:x + s]

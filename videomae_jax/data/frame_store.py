@@ -362,7 +362,7 @@ class StoreVideo:
     positions: dict[int, list[int]] = {}
     for t, i in enumerate(indices):
       positions.setdefault(int(i), []).append(t)
-    out = np.empty((len(crops), len(indices), input_size, input_size, 3), np.uint8)
+    out = augment.aligned_empty((len(crops), len(indices), input_size, input_size, 3))
     for i, d in zip(uniq, data):
       readers.checkpoint(self.path)  # An abandoned decode stops at the next frame.
       img = decode_jpeg(d, (fw, fh), ratio, f'{self.path} frame {i}')
