@@ -11,7 +11,8 @@ Debian's opencv-doc. From them it makes, once, in a temporary folder:
 Loaders, all 16-frame clips at stride 4, multi-scale crop to 224x224:
   official-style: decord full-resolution decode, per-frame PIL multi-scale crop and bilinear
                   resize, float32 /255 and ImageNet normalisation on the host (the
-                  reference's per-clip work), on mp4@320, in the main thread;
+                  reference's per-clip work), on mp4@320, on `--official_threads`
+                  threads (default: one per core, as the pipelines decode);
   mp4 path:       `build_pretrain_dataset` on mp4@320 (uint8 out, normalised on device);
   frame store:    `build_pretrain_dataset` with data.frame_store=store@256.
 The loaders run interleaved: `--rounds` rounds of clips/rounds clips each, so drift of a
@@ -25,6 +26,7 @@ per accelerator chip at a stated MFU.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import sys
 import tempfile
@@ -125,16 +127,24 @@ class PipelineLoader:
     return s
 
 
-def settle(max_s: float = 3.0) -> None:
-  """Waits until this process stops using CPU (a pipeline has refilled its buffers)."""
-  t_end = time.time() + max_s
-  last = time.process_time()
-  while time.time() < t_end:
+SETTLE_TIMEOUTS = []
+
+
+def settle(max_s: float = 60.0) -> float:
+  """Waits until this process stops using CPU (a pipeline has refilled its buffers); returns
+  the seconds waited. A refill still running when the next loader starts would be charged to
+  that loader: at batch 32 an mp4 pipeline's refill takes several seconds."""
+  t0 = time.time()
+  last, quiet = time.process_time(), 0
+  while time.time() < t0 + max_s:
     time.sleep(0.15)
     now = time.process_time()
-    if now - last < 0.003:
-      return
+    quiet = quiet + 1 if now - last < 0.003 else 0
+    if quiet == 2:  # 0.3 s with under 2% of a core busy.
+      return time.time() - t0
     last = now
+  SETTLE_TIMEOUTS.append(max_s)
+  return time.time() - t0
 
 
 def interleaved(loaders: dict, clips: int, rounds: int) -> dict:
@@ -143,15 +153,22 @@ def interleaved(loaders: dict, clips: int, rounds: int) -> dict:
   wall = {k: 0.0 for k in loaders}
   count = {k: 0 for k in loaders}
   per_round = max(1, clips // rounds)
+  longest = {}
   for _ in range(rounds):
     for name, fn in loaders.items():
       settle()
       c0, t0 = time.process_time(), time.perf_counter()
       n = fn(per_round)
       wall[name] += time.perf_counter() - t0
-      settle()  # The pipeline's refill of its buffers is this loader's work.
+      refill = settle()  # The pipeline's refill of its buffers is this loader's work.
       cpu[name] += time.process_time() - c0
       count[name] += n
+      longest[name] = max(longest.get(name, 0.0), refill)
+  print('longest wait for a refill after a round: ' +
+        ', '.join(f'{k} {v:.1f} s' for k, v in longest.items()))
+  if SETTLE_TIMEOUTS:
+    print(f'WARNING: {len(SETTLE_TIMEOUTS)} waits for a quiet process timed out; work of one '
+          'loader may be charged to the next')
   return {k: (count[k] / wall[k], cpu[k] / count[k]) for k in loaders}
 
 
@@ -318,6 +335,8 @@ def main() -> None:
   ap.add_argument('--store_short_side', type=int, default=256)
   ap.add_argument('--mp4_short_side', type=int, default=320)
   ap.add_argument('--mfu', type=float, default=0.45, help='for the feed table')
+  ap.add_argument('--official_threads', type=int, default=len(os.sched_getaffinity(0)),
+                  help='threads making official-style clips at once (default: one per core)')
   ap.add_argument('--skip', default='', help='comma-separated loaders to leave out: '
                   'official, mp4, mp4_decord, store')
   ap.add_argument('--workdir', default='', help='keep the prepared files here (reused)')
@@ -363,19 +382,23 @@ def main() -> None:
         f'({store_bytes / mp4_bytes:.1f}x)')
   with open(os.path.join(work, 'mp4_list.txt'), 'w') as f:
     f.writelines(f'{v} 0\n' for v in mp4s)
-  print(f'cpu cores: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f}, '
+  print(f'cpu cores: {len(os.sched_getaffinity(0))} (official-style on {args.official_threads} '
+        f'threads), load average {os.getloadavg()[0]:.1f}, '
         f'{args.clips} clips per loader in {args.rounds} interleaved rounds, 16x4 @ 224')
 
   skip = set(filter(None, args.skip.split(',')))
   loaders = {}
   if 'official' not in skip:
     state = {'i': 0}
+    # Like the reference's DataLoader workers (and the pipelines' decode threads), clips are
+    # made on every core at once: decord and PIL release the GIL.
+    pool = concurrent.futures.ThreadPoolExecutor(args.official_threads)
 
     def official(n):
-      for _ in range(n):
-        i = state['i']
-        official_style_clip(mp4s[i % len(mp4s)], np.random.default_rng(i))
-        state['i'] += 1
+      first = state['i']
+      list(pool.map(lambda i: official_style_clip(mp4s[i % len(mp4s)], np.random.default_rng(i)),
+                    range(first, first + n)))
+      state['i'] += n
       return n
 
     official(len(mp4s))  # Warm up file cache and imports.
