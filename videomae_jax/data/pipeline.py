@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import threading
+import time
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -69,6 +71,50 @@ def _close_all() -> None:
     ds.close()
 
 
+class LoadGate:
+  """Lets a tf.data iterator over `numpy_function` calls be released without a deadlock.
+
+  Releasing the iterator from Python holds the GIL while TensorFlow waits for the calls in
+  flight, and those need the GIL to return: a release during a refill can hang for good (seen
+  after a failed decode ended the stream). `drain()` first makes every new call return at
+  once (with placeholder arrays nobody reads) and waits, with the GIL free, until no call
+  has been running for `quiet_s`.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._closing = False
+    self._active = 0
+    self._last = time.monotonic()
+
+  def enter(self) -> bool:
+    """Called at the start of a load; False once the iterator is being released."""
+    with self._lock:
+      self._last = time.monotonic()
+      if self._closing:
+        return False
+      self._active += 1
+      return True
+
+  def exit(self) -> None:
+    with self._lock:
+      self._active -= 1
+      self._last = time.monotonic()
+
+  def drain(self, max_s: float, quiet_s: float = 0.1) -> bool:
+    """Stops new loads and waits up to `max_s` for the running ones; True when quiet."""
+    with self._lock:
+      self._closing = True
+    deadline = time.monotonic() + max_s
+    while True:
+      with self._lock:
+        if self._active == 0 and time.monotonic() - self._last >= quiet_s:
+          return True
+      if time.monotonic() > deadline:
+        return False
+      time.sleep(0.01)
+
+
 class PretrainDataset:
   """An endless iterable of host-local numpy batches.
 
@@ -78,9 +124,12 @@ class PretrainDataset:
   the decode failures; call `close()` (or use as a context manager) when done.
   """
 
-  def __init__(self, tf_dataset, layout: BatchLayout, stats: BadDataStats,
-               start_step: int):
-    self.tf_dataset = tf_dataset
+  def __init__(self, make_tf_dataset: Callable[[LoadGate], Any], layout: BatchLayout,
+               stats: BadDataStats, start_step: int, drain_s: float = 30.0):
+    """`make_tf_dataset(gate)` builds the tf.data pipeline of one iterator, its loads guarded
+    by `gate`; `drain_s` bounds the wait for running loads when an iterator is released."""
+    self.make_tf_dataset = make_tf_dataset
+    self.drain_s = drain_s
     self.layout = layout
     self.stats = stats
     self.start_step = start_step
@@ -94,7 +143,8 @@ class PretrainDataset:
 
   def _generate(self) -> Iterator[dict[str, np.ndarray]]:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    it = iter(self.tf_dataset)
+    gate = LoadGate()  # One per iterator: releasing one must not starve another.
+    it = iter(self.make_tf_dataset(gate))
     try:
       while True:
         try:
@@ -105,7 +155,8 @@ class PretrainDataset:
           raise RuntimeError(f'input pipeline failed: {e.message}') from None
         yield {k: v._numpy() for k, v in batch.items()}  # pylint: disable=protected-access
     finally:
-      del it  # Releases the tf.data iterator and its in-flight decodes.
+      gate.drain(self.drain_s)
+      del it  # Releases the tf.data iterator; no load is running now.
 
   def close(self) -> None:
     """Stops every iterator of this dataset and releases its tf.data resources."""
@@ -149,7 +200,8 @@ def _tf_options(data_config):
 
 
 def batched_clip_dataset(load_fn: Callable[[int], dict[str, np.ndarray]] | None,
-                         layout: BatchLayout, data_config, start_step: int, predecoded=None):
+                         layout: BatchLayout, data_config, start_step: int, predecoded=None,
+                         gate: LoadGate | None = None):
   """A tf.data pipeline calling `load_fn(global_example)` in parallel, batched per host.
 
   Examples are this host's share of the endless stream from `start_step` on.
@@ -164,8 +216,18 @@ def batched_clip_dataset(load_fn: Callable[[int], dict[str, np.ndarray]] | None,
   dtypes = (tf.uint8, tf.int32, tf.int64, tf.int64)
   shapes = ((s, t, size, size, 3), (s,), (s,), (s,))
 
+  placeholder = []
+
   def load(g):
-    out = load_fn(int(g))
+    if gate is not None and not gate.enter():
+      if not placeholder:
+        placeholder.extend(np.zeros(sh, d.as_numpy_dtype) for sh, d in zip(shapes, dtypes))
+      return tuple(placeholder)
+    try:
+      out = load_fn(int(g))
+    finally:
+      if gate is not None:
+        gate.exit()
     return tuple(out[k] for k in keys)
 
   def tf_load(g):
@@ -222,15 +284,20 @@ def build_pretrain_dataset(data_config, *, global_batch_size: int,
   if data_config.get('tfds_name'):
     from videomae_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     ds = tfds_source.tfds_clip_dataset(data_config, layout, start_step, stats)
-  elif data_config.get('frame_store'):
-    from videomae_jax.data import frame_store  # pylint: disable=g-import-not-at-top
-    store = frame_store.FrameStore(data_config.frame_store)
-    decoder = ClipDecoder(store.records, data_config, stats, opener=store.open)
-    ds = batched_clip_dataset(decoder.load_example, layout, data_config, start_step)
+    make = lambda gate: ds
   else:
-    decoder = ClipDecoder(file_source_from_config(data_config), data_config, stats)
-    ds = batched_clip_dataset(decoder.load_example, layout, data_config, start_step)
-  dataset = PretrainDataset(ds, layout, stats, start_step)
+    if data_config.get('frame_store'):
+      from videomae_jax.data import frame_store  # pylint: disable=g-import-not-at-top
+      store = frame_store.FrameStore(data_config.frame_store)
+      decoder = ClipDecoder(store.records, data_config, stats, opener=store.open)
+    else:
+      decoder = ClipDecoder(file_source_from_config(data_config), data_config, stats)
+    make = lambda gate: batched_clip_dataset(decoder.load_example, layout, data_config,
+                                             start_step, gate=gate)
+  # A running load ends within one decode timeout (then it is abandoned) plus its replacement.
+  timeout = float(data_config.get('decode_timeout_s', 0))
+  dataset = PretrainDataset(make, layout, stats, start_step,
+                            drain_s=2 * timeout + 10 if timeout > 0 else 30.0)
   if not data_config.get('tfds_name'):
     dataset.load_example = decoder.load_example
   return dataset
