@@ -88,8 +88,8 @@ def check_sampling_config(data_config) -> None:
 class _DecodeWorker:
   """A long-lived daemon thread that runs one decode at a time from its queue.
 
-  Threads are reused because a fresh thread per clip costs ~0.7 ms of CPU (its start and
-  the decoders' cold per-thread state), about 12% of a frame-store clip. The thread is named
+  Threads are reused because a fresh thread per clip measured ~0.7 ms of CPU, about 12% of
+  a frame-store clip (bench/README.md, "Input pipeline"). The thread is named
   `video-decode` while it runs a decode and `video-decode-idle` while it waits.
   """
 
