@@ -127,13 +127,14 @@ class PipelineLoader:
     return s
 
 
-SETTLE_TIMEOUTS = []
+SETTLE_MAX_S = 60.0
 
 
-def settle(max_s: float = 60.0) -> float:
+def settle(max_s: float = SETTLE_MAX_S) -> float:
   """Waits until this process stops using CPU (a pipeline has refilled its buffers); returns
-  the seconds waited. A refill still running when the next loader starts would be charged to
-  that loader: at batch 32 an mp4 pipeline's refill takes several seconds."""
+  the seconds waited (`max_s`: it timed out). A refill still running when the next loader
+  starts would be charged to that loader: at batch 32 an mp4 pipeline's refill takes several
+  seconds."""
   t0 = time.time()
   last, quiet = time.process_time(), 0
   while time.time() < t0 + max_s:
@@ -143,8 +144,7 @@ def settle(max_s: float = 60.0) -> float:
     if quiet == 2:  # 0.3 s with under 2% of a core busy.
       return time.time() - t0
     last = now
-  SETTLE_TIMEOUTS.append(max_s)
-  return time.time() - t0
+  return max_s
 
 
 def interleaved(loaders: dict, clips: int, rounds: int) -> dict:
@@ -153,10 +153,10 @@ def interleaved(loaders: dict, clips: int, rounds: int) -> dict:
   wall = {k: 0.0 for k in loaders}
   count = {k: 0 for k in loaders}
   per_round = max(1, clips // rounds)
-  longest = {}
+  longest, timeouts = {}, 0
   for _ in range(rounds):
     for name, fn in loaders.items():
-      settle()
+      timeouts += settle() >= SETTLE_MAX_S
       c0, t0 = time.process_time(), time.perf_counter()
       n = fn(per_round)
       wall[name] += time.perf_counter() - t0
@@ -164,11 +164,12 @@ def interleaved(loaders: dict, clips: int, rounds: int) -> dict:
       cpu[name] += time.process_time() - c0
       count[name] += n
       longest[name] = max(longest.get(name, 0.0), refill)
+      timeouts += refill >= SETTLE_MAX_S
   print('longest wait for a refill after a round: ' +
         ', '.join(f'{k} {v:.1f} s' for k, v in longest.items()))
-  if SETTLE_TIMEOUTS:
-    print(f'WARNING: {len(SETTLE_TIMEOUTS)} waits for a quiet process timed out; work of one '
-          'loader may be charged to the next')
+  if timeouts:
+    print(f'WARNING: {timeouts} waits for a quiet process timed out; work of one loader may be '
+          'charged to the next')
   return {k: (count[k] / wall[k], cpu[k] / count[k]) for k in loaders}
 
 
@@ -235,21 +236,15 @@ def decoder_costs(store_dir: str, n: int = 150, input_size: int = 224) -> dict:
                      fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
                      parallel_iterations=1)
 
-  def frames(video, idx):
-    uniq = sorted(set(idx.tolist()))
-    return uniq, video._read(uniq)  # pylint: disable=protected-access
-
   def store(video, idx, box):
     return video.render_clips(idx, [(box, False)], input_size)
 
   def cv2_all_then_resize(video, idx, box):
-    uniq, jpegs = frames(video, idx)
-    got = {i: frame_store.decode_jpeg(b, video.entry.frame_size) for i, b in zip(uniq, jpegs)}
-    return augment.crop_resize(np.stack([got[int(i)] for i in idx]), box, video.stored_size,
-                               input_size)
+    return augment.crop_resize(video.get_frames(idx), box, video.stored_size, input_size)
 
   def tf_window(video, idx, box):
-    uniq, jpegs = frames(video, idx)
+    uniq = sorted(set(idx.tolist()))
+    jpegs = video._read(uniq)  # pylint: disable=protected-access
     x0, y0, x1, y1 = augment.frame_box(box, video.stored_size, video.entry.frame_size)
     win = tf_windows(tf.constant(jpegs), tf.constant([y0, x0, y1 - y0, x1 - x0])).numpy()
     pos = {i: k for k, i in enumerate(uniq)}
@@ -283,7 +278,7 @@ def per_video_costs(mp4s: list[str], store_dir: str, clips: int = 24, rounds: in
   by_source = {os.path.basename(v.source): k for k, v in enumerate(st.videos)}
   lines = ['| video (mp4@320) | frames | official-style ms | mp4 path ms | store ms | '
            'official / store | official / mp4 path |', '|---|---|---|---|---|---|---|']
-  for k in range(len(st)):  # Warm up: imports, the window decoder's traces, file cache.
+  for k in range(len(st)):  # Warm up: imports, file cache.
     clips_lib.make_clips(st.open(k), np.random.default_rng(k), c)
   for mp4 in mp4s:
     vid = by_source[os.path.basename(mp4)[:-len('.mp4')]]

@@ -350,18 +350,18 @@ class StoreVideo:
 
     Each distinct frame is decoded once (OpenCV, DCT-scaled by 2, 4 or 8 when every crop
     still covers the output at that scale) and resized into every clip position that shows
-    it while it is still in cache; decoding all frames first and resizing after costs more.
+    it right after its decode, while it is in cache (bench/README.md, "Decoder").
     """
     fw, fh = self.entry.frame_size
     full = [augment.frame_box(b, self.stored_size, (fw, fh)) for b, _ in crops]
     ratio = dct_ratio(min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in full), input_size)
     size = (math.ceil(fw / ratio), math.ceil(fh / ratio))
     boxes = [augment.frame_box(b, self.stored_size, size) for b, _ in crops]
-    uniq = sorted({int(i) for i in indices})
-    data = self._read(uniq)
     positions: dict[int, list[int]] = {}
     for t, i in enumerate(indices):
       positions.setdefault(int(i), []).append(t)
+    uniq = sorted(positions)
+    data = self._read(uniq)
     out = augment.aligned_empty((len(crops), len(indices), input_size, input_size, 3))
     for i, d in zip(uniq, data):
       readers.checkpoint(self.path)  # An abandoned decode stops at the next frame.
