@@ -58,8 +58,14 @@ def test_tiny_config_compiles_for_v5e_with_sane_numbers(tmp_path):
   assert rf["mfu_bound"] == pytest.approx(
       r["model_flops_per_clip"] * r["clips_per_chip"] / r["peak_flops"] / rf["step_s"])
   assert 0 < rf["mfu_bound"] <= 1
+  # The HBM traffic: XLA's bytes less their on-chip part, and its roofline on the same terms.
+  assert 0 < r["hbm_traffic_bytes"] <= r["xla_bytes"]
+  ht = r["roofline_hbm_traffic"]
+  assert ht["memory_s"] == pytest.approx(r["hbm_traffic_bytes"] / r["hbm_bandwidth"])
+  assert ht["compute_s"] == rf["compute_s"] and ht["mfu_bound"] >= rf["mfu_bound"]
   assert rf["clips_per_s_per_chip"] == pytest.approx(r["clips_per_chip"] / rf["step_s"])
   assert "HBM per chip" in proc.stdout and "MFU bound" in proc.stdout
+  assert "Roofline with the HBM traffic" in proc.stdout
 
 
 def test_impossible_batch_is_out_of_hbm_naming_the_config(tmp_path):

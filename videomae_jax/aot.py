@@ -16,6 +16,9 @@ devices and compiled by the real TPU compiler. XLA's own analyses of that execut
 - The roofline step time: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth). Collectives
   (ICI) and latency are not in it, so it is a lower bound on the step time and an upper bound
   on MFU. MFU uses model FLOPs (``videomae_jax.flops``: matmuls, no recomputation), not XLA's.
+- XLA's "bytes accessed" also counts on-chip VMEM traffic (prefetch copies and the operands
+  they feed, :mod:`videomae_jax.hbm_traffic`), so a second roofline uses the HBM traffic: those
+  bytes less their on-chip part, an upper bound on what the program reads and writes in HBM.
 
 Used by ``launch/compile.py`` and ``bench/aot_table.py``.
 """
@@ -146,14 +149,19 @@ class Analysis:
   # JAX devices per chip (v4 topologies: 2 TensorCores); every per-chip number above is then
   # per device, against that device's share of the chip (HBM, FLOP/s, bandwidth).
   devices_per_chip: int = 1
+  # xla_bytes less its on-chip (VMEM) part, from the executable's HLO (hbm_traffic module);
+  # None when not measured.
+  hbm_traffic_bytes: float | None = None
 
   @property
   def model_flops(self) -> float:
     """Model FLOPs of one chip's share of the step."""
     return self.model_flops_per_clip * self.clips_per_chip
 
-  def roofline(self) -> dict[str, Any]:
-    return roofline(self.xla_flops, self.xla_bytes, self.model_flops, self.clips_per_chip,
+  def roofline(self, hbm_traffic: bool = False) -> dict[str, Any]:
+    """The roofline with XLA's bytes accessed, or with ``hbm_traffic`` the HBM traffic."""
+    nbytes = self.hbm_traffic_bytes if hbm_traffic else self.xla_bytes
+    return roofline(self.xla_flops, nbytes, self.model_flops, self.clips_per_chip,
                     self.peak_flops, self.hbm_bandwidth)
 
   def as_dict(self) -> dict[str, Any]:
@@ -162,6 +170,8 @@ class Analysis:
     out["model_flops"] = self.model_flops
     out["xla_over_model_flops"] = self.xla_flops / self.model_flops if self.model_flops else None
     out["roofline"] = self.roofline()
+    out["roofline_hbm_traffic"] = (self.roofline(hbm_traffic=True)
+                                   if self.hbm_traffic_bytes is not None else None)
     out["per_chip"] = True  # every flops/bytes/hbm number above is for one chip
     return out
 
@@ -193,14 +203,27 @@ class Analysis:
         f"{self.xla_flops / self.model_flops:.2f})",
         f"  bytes accessed  {self.xla_bytes:.3e}   ({r['arithmetic_intensity']:.0f} FLOP/B; "
         f"ridge {r['ridge_intensity']:.0f})",
+    ]
+    if self.hbm_traffic_bytes is not None:
+      lines.append(f"  HBM traffic     {self.hbm_traffic_bytes:.3e}   (at most: bytes accessed "
+                   "less on-chip VMEM traffic, i.e. prefetch copies and VMEM-resident operands)")
+    lines += [
         f"Roofline ({self.peak_flops / 1e12:.0f} TFLOP/s, {self.hbm_bandwidth / 1e9:.0f} GB/s; "
-        "no collectives):",
+        "no collectives), with XLA's bytes accessed:",
         f"  compute {1e3 * r['compute_s']:.1f} ms, memory {1e3 * r['memory_s']:.1f} ms -> "
         f"step >= {1e3 * r['step_s']:.1f} ms ({r['bound']}-bound)",
         f"  MFU bound {100 * r['mfu_bound']:.1f}% (model FLOPs; XLA FLOPs: "
         f"{100 * r['xla_flops_utilization_bound']:.1f}%), <= "
         f"{r['clips_per_s_per_chip']:.1f} clips/s/chip",
     ]
+    if self.hbm_traffic_bytes is not None:
+      t = self.roofline(hbm_traffic=True)
+      lines += [
+          "Roofline with the HBM traffic:",
+          f"  memory {1e3 * t['memory_s']:.1f} ms -> step >= {1e3 * t['step_s']:.1f} ms "
+          f"({t['bound']}-bound), MFU bound {100 * t['mfu_bound']:.1f}%, <= "
+          f"{t['clips_per_s_per_chip']:.1f} clips/s/chip",
+      ]
     if self.devices_per_chip > 1:
       lines.append(f"  note: this topology has {self.devices_per_chip} devices (TensorCores) "
                    "per chip: every number above is per device, against its share of the "
@@ -242,6 +265,7 @@ def analyze_config(config, topology: str, *, config_name: str = "config") -> Ana
   """
   import jax
   from videomae_jax import flops as flops_lib
+  from videomae_jax import hbm_traffic
   from videomae_jax.train import config as config_lib
   from videomae_jax.train import metrics as metrics_lib
   from videomae_jax.train import program as program_lib
@@ -296,6 +320,7 @@ def analyze_config(config, topology: str, *, config_name: str = "config") -> Ana
                   + hbm["generated_code"])
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  xla_bytes = float(ca.get("bytes accessed", 0.0))
   decoder_ratio = config.mask.decoder_ratio if config.mask.decoder_type == "run_cell" else None
   model_info = dict(name=config.model_name, num_frames=model.num_frames, img_size=model.img_size,
                     dtype=str(model.dtype), remat=bool(model.remat),
@@ -307,7 +332,8 @@ def analyze_config(config, topology: str, *, config_name: str = "config") -> Ana
       config=config_name, topology=topology, device_kind=kind, num_chips=n,
       mesh={k: int(v) for k, v in mesh.shape.items()}, global_batch=int(config.batch_size),
       clips_per_chip=clips_per_chip, model=model_info, hbm=hbm, hbm_capacity=capacity,
-      xla_flops=float(ca.get("flops", 0.0)), xla_bytes=float(ca.get("bytes accessed", 0.0)),
+      xla_flops=float(ca.get("flops", 0.0)), xla_bytes=xla_bytes,
+      hbm_traffic_bytes=hbm_traffic.hbm_traffic(compiled.as_text(), xla_bytes),
       model_flops_per_clip=float(flops_lib.train_flops(model, config.mask.ratio, decoder_ratio,
                                                        config.mask.type)),
       peak_flops=float(peak), hbm_bandwidth=bandwidth, compile_s=compile_s,
