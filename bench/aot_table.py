@@ -179,6 +179,7 @@ def extrapolate(cell, best: dict[str, Any], lock: str | None, results: dict[str,
   compiles: cost(d, dd) = other + d x encoder block + dd x decoder block, at (1, 1), (2, 1)
   and (1, 2) blocks, evaluated at the model's depths. XLA counts a scanned block once, so
   the scanned compile's own cost covers one block of each."""
+  import numpy as np
   b = best["per_chip_batch"]
   cost = {}
   for d, dd in ((1, 1), (2, 1), (1, 2)):
@@ -192,24 +193,27 @@ def extrapolate(cell, best: dict[str, Any], lock: str | None, results: dict[str,
     if not r.get("xla_flops"):
       print(f"  extrapolation compile failed: {r.get('error')}", flush=True)
       return {}
-    cost[d, dd] = (r["xla_flops"], r["xla_bytes"])
-  import numpy as np
+    cost[d, dd] = (r["xla_flops"], r["xla_bytes"], r.get("hbm_traffic_bytes") or np.nan)
   c11, c21, c12 = (np.array(cost[k]) for k in ((1, 1), (2, 1), (1, 2)))
   enc, dec = c21 - c11, c12 - c11
   other = c11 - enc - dec
   from videomae_jax.models import preset
   fields = {**preset(best["model"]["name"]), **{k: v for k, v in cell["model"].items()}}
-  flops, nbytes = other + fields["depth"] * enc + fields["decoder_depth"] * dec
-  rf = aot.roofline(float(flops), float(nbytes), best["model_flops"], best["clips_per_chip"],
-                    best["peak_flops"], best["hbm_bandwidth"])
-  return dict(xla_flops=float(flops), xla_bytes=float(nbytes), roofline=rf,
-              per_block=dict(encoder=enc.tolist(), decoder=dec.tolist(), other=other.tolist()))
+  flops, nbytes, traffic = other + fields["depth"] * enc + fields["decoder_depth"] * dec
+  args = (best["model_flops"], best["clips_per_chip"], best["peak_flops"], best["hbm_bandwidth"])
+  out = dict(xla_flops=float(flops), xla_bytes=float(nbytes),
+             roofline=aot.roofline(float(flops), float(nbytes), *args),
+             per_block=dict(encoder=enc.tolist(), decoder=dec.tolist(), other=other.tolist()))
+  if np.isfinite(traffic):
+    out.update(hbm_traffic_bytes=float(traffic),
+               roofline_hbm_traffic=aot.roofline(float(flops), float(traffic), *args))
+  return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
   head = ("| size | slice | mesh (data x fsdp) | remat | decoder mask | clips/chip | HBM/chip "
           "| XLA GFLOP/chip | GB accessed/chip | roofline ms | bound | MFU bound | "
-          "clips/s/chip bound | commit |")
+          "clips/s/chip bound | HBM traffic GB/chip | MFU bound (HBM traffic) | commit |")
   out = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     if not r.get("hbm"):
@@ -217,14 +221,21 @@ def table(rows: list[dict[str, Any]]) -> str:
     rf = r["roofline"]
     m = r["model"]
     flops, nbytes = f"{r['xla_flops'] / 1e9:.0f}", f"{r['xla_bytes'] / 1e9:.0f}"
+    src = r
     if r.get("extrapolated"):  # scanned: the unrolled cost from small unrolled compiles
-      e = r["extrapolated"]
+      e = src = r["extrapolated"]
       rf = dict(e["roofline"], bound=e["roofline"]["bound"] + " (extrapolated)")
       flops, nbytes = f"{e['xla_flops'] / 1e9:.0f}", f"{e['xla_bytes'] / 1e9:.0f}"
     elif r.get("loops_counted_once"):  # XLA counted one loop iteration: no roofline
       rf = dict(rf, step_s=float("nan"), bound="n/a (scan)", mfu_bound=float("nan"),
                 clips_per_s_per_chip=float("nan"))
       flops = nbytes = "n/a"
+      src = {}
+    # Rows compiled before the HBM traffic was measured have none.
+    traffic, traffic_bound = "-", "-"
+    if src.get("hbm_traffic_bytes"):
+      traffic = f"{src['hbm_traffic_bytes'] / 1e9:.0f}"
+      traffic_bound = f"{100 * src['roofline_hbm_traffic']['mfu_bound']:.0f}%"
     out.append(
         f"| {m['name']} | {r['topology']} | {r['mesh']['data']} x {r['mesh']['fsdp']} | "
         f"{'yes' if m['remat'] else 'no'} | {m['decoder_type']} | {r['clips_per_chip']:g}"
@@ -232,7 +243,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         f"{r['hbm_capacity'] / aot.GIB:.0f} GiB | {flops} | {nbytes} | "
         f"{1e3 * rf['step_s']:.0f} | {rf['bound']} | "
         f"{100 * rf['mfu_bound']:.0f}% | {rf['clips_per_s_per_chip']:.0f} | "
-        f"{r.get('tag', '')} |")
+        f"{traffic} | {traffic_bound} | {r.get('tag', '')} |")
   return "\n".join(out)
 
 
