@@ -5,7 +5,7 @@ of each operand and result, whatever memory they live in. After memory-space ass
 arrays live in on-chip VMEM (layouts marked ``S(1)``; ``S(2)`` is SMEM): an async copy
 prefetches them from HBM and its start and done halves each count a read and a write. An array
 prefetched once and read once is counted five times, of which one read touches HBM. On a v5e
-ViT-B step that is about half of the bytes XLA reports (bench/README).
+ViT-B step that is about 40% of the bytes XLA reports (bench/README).
 
 :func:`onchip_bytes` re-applies XLA's per-instruction accounting to the executable's HLO text
 (``compiled.as_text()``) and returns the part that touches no HBM: operands and results of
